@@ -1,0 +1,6 @@
+"""`python -m autoseg ...` (what torchrun launches)."""
+import sys
+
+from autoseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,308 @@
+"""`autoseg` command line: argparse sub-commands mapped onto stage functions.
+
+This is the one place that catches :class:`AutosegError`: the message is printed as one line and the exit
+code is non-zero; ``--debug`` shows the traceback. Stage packages are imported inside each handler so that
+``autoseg --help`` answers instantly.
+
+Each stage owns its handler below (``_cmd_<stage>``) and nothing else in this file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from autoseg import __version__
+from autoseg.errors import AutosegError
+
+log = logging.getLogger("autoseg")
+
+EPILOG = (
+    "Typical use: autoseg verify 4 -> autoseg plan 4 -> autoseg train 4 3d_fullres 0 (folds 0-4) -> "
+    "autoseg find-best 4 -> autoseg predict -i IN -o OUT -d 4 -c 3d_fullres. "
+    "All data lives under --root (default $AUTOSEG_HOME or ./autoseg_data). Docs: docs/quickstart.md"
+)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default=None, help="data root holding raw/, preprocessed/, results/ "
+                        "(default: $AUTOSEG_HOME, else ./autoseg_data)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+
+
+# --------------------------------------------------------------------------------------------- handlers
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from autoseg.dataset.verify import verify_dataset
+    from autoseg.paths import resolve_dataset
+
+    location = resolve_dataset(args.dataset, args.root)
+    report = verify_dataset(location.raw, num_workers=args.num_workers)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_convert_msd(args: argparse.Namespace) -> int:
+    from autoseg.dataset.msd import convert_msd
+
+    out = convert_msd(args.task_dir, root=args.root, number=args.number, name=args.name, overwrite=args.overwrite)
+    print(f"converted {args.task_dir} -> {out}")
+    print(f"next: autoseg verify {out.name} --root {args.root}" if args.root else f"next: autoseg verify {out.name}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.planning import plan_dataset
+
+    plan_dataset(
+        args.dataset,
+        root=args.root,
+        gpu_memory_gb=args.gpu_memory,
+        configurations=args.configs,
+        architectures=args.arch,
+        patch_size=args.patch_size,
+        num_workers=args.num_workers,
+        preprocess=not args.no_preprocess,
+        skip_verify=args.skip_verify,
+    )
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from autoseg.preprocessing import preprocess_dataset
+
+    report = preprocess_dataset(args.dataset, configurations=args.configs, root=args.root, num_workers=args.num_workers)
+    return 0 if report.ok else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.training import train
+
+    train(
+        args.dataset,
+        args.configuration,
+        args.fold,
+        root=args.root,
+        architecture=args.arch,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iters_per_epoch,
+        continue_training=args.continue_training,
+        device=args.device,
+        compile_network=args.compile,
+        selfreg=args.selfreg,
+        pretrained=args.pretrained,
+        seed=args.seed,
+        time_budget=args.time_budget,
+        num_workers=args.num_workers,
+        validate=not args.no_validation,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.inference import predict
+
+    report = predict(
+        args.input,
+        args.output,
+        dataset=args.dataset,
+        configuration=args.configuration,
+        folds=args.folds,
+        root=args.root,
+        architecture=args.arch,
+        step_size=args.step,
+        mirror=not args.no_mirror,
+        save_probabilities=args.save_probabilities,
+        device=args.device,
+        num_workers=args.num_workers,
+        checkpoint=args.checkpoint,
+        postprocess=not args.no_postprocessing,
+    )
+    return 0 if report.ok else 1
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from autoseg.inference.ensemble import ensemble_folders
+
+    ensemble_folders(args.inputs, args.output, save_probabilities=args.save_probabilities)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg.evaluation import evaluate_folders
+
+    summary = evaluate_folders(
+        args.prediction, args.reference, labels=args.labels, tolerance_mm=args.tolerance, num_workers=args.num_workers
+    )
+    return 0 if summary.ok else 1
+
+
+def _cmd_find_best(args: argparse.Namespace) -> int:
+    from autoseg.evaluation import find_best
+
+    find_best(args.dataset, root=args.root, configurations=args.configs, folds=args.folds)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from autoseg.demo import run_demo
+
+    result = run_demo(root=args.root, quick=args.quick, device=args.device, keep=args.keep)
+    return 0 if result.ok else 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from autoseg.info import print_info
+
+    print_info(root=args.root)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="Self-configuring medical image segmentation: plan, preprocess, train, predict, evaluate.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, description: str):
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=fmt)
+        _add_common(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("verify", _cmd_verify, "check a raw dataset and report every problem",
+                "Check every case of a raw dataset (files, geometry, labels, dataset.json) and report ALL problems "
+                "at once, each with the file, what was expected, what was found and the fix. Exit 0 when clean. "
+                "Never modifies the dataset.")
+    p.add_argument("dataset", help="dataset folder name, number (4, 004), name (Hippocampus) or path")
+    p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel reader processes")
+
+    p = command("convert-msd", _cmd_convert_msd, "convert a Medical Segmentation Decathlon task",
+                "Convert an MSD task folder (4D NIfTI images, MSD dataset.json) into autoseg's raw layout under "
+                "<root>/raw/DatasetXXX_Name, one file per channel with its geometry.")
+    p.add_argument("task_dir", help="e.g. Task04_Hippocampus")
+    p.add_argument("--number", type=int, default=None, help="dataset number (default: the task number)")
+    p.add_argument("--name", default=None, help="dataset name (default: the task name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
+
+    p = command("plan", _cmd_plan, "fingerprint a dataset and write plans.json (then preprocess)",
+                "Fingerprint the dataset (spacings, shapes, intensities), decide configurations, patch and batch "
+                "sizes, topology and normalisation (plans.json), write the 5-fold splits.json, then preprocess "
+                "every default configuration. See docs/planning.md for each rule and how to override it.")
+    p.add_argument("dataset", help="dataset folder name, number or name")
+    p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB for patch/batch size")
+    p.add_argument("--configs", nargs="+", default=None, help="only these base configurations (2d 3d_fullres 3d_lowres)")
+    p.add_argument("--arch", nargs="+", default=None, help="architectures to plan (default: every one that applies)")
+    p.add_argument("--patch-size", type=int, nargs="+", default=None, help="force this patch size (array order)")
+    p.add_argument("--no-preprocess", action="store_true", help="write plans only")
+    p.add_argument("--skip-verify", action="store_true", help="plan even if `autoseg verify` finds problems")
+    p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel worker processes")
+
+    p = command("preprocess", _cmd_preprocess, "crop, resample, normalise and store training cases",
+                "Preprocess every training case for the given configurations (default: all planned). Reruns skip "
+                "complete cases and redo partial ones; a failing case is reported and the others still finish.")
+    p.add_argument("dataset")
+    p.add_argument("-c", "--configs", nargs="+", default=None, help="configurations (default: all in plans.json)")
+    p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel worker processes")
+
+    p = command("train", _cmd_train, "train one fold of one configuration",
+                "Train CONFIGURATION on fold FOLD (0-4, or 'all' for all training data). Writes checkpoints, "
+                "log.txt and progress.png to results/<dataset>/<config>__<arch>/fold_<k>/ and, at the end, "
+                "predicts the fold's validation cases. Use torchrun for several GPUs (docs/cluster.md).")
+    p.add_argument("dataset")
+    p.add_argument("configuration", help="e.g. 3d_fullres, 2d, 3d_fullres_unetrpp")
+    p.add_argument("fold", help="0-4 or all")
+    p.add_argument("--arch", default=None, help="architecture (default: the configuration's)")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default from the plan: 1000)")
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="training iterations per epoch (default 250)")
+    p.add_argument("--time-budget", default=None, help="train for this wall-clock time, e.g. 20m, 1h30m, 23h")
+    p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from checkpoint_latest.pt")
+    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--selfreg", action="store_true", help="add SelfReg self-regularisation losses")
+    p.add_argument("--pretrained", default=None, help="initialise weights from this checkpoint")
+    p.add_argument("--seed", type=int, default=12345, help="random seed")
+    p.add_argument("-np", "--num-workers", type=int, default=None, help="data loader worker processes")
+    p.add_argument("--no-validation", action="store_true", help="skip the final validation prediction")
+
+    p = command("predict", _cmd_predict, "segment new images with trained folds",
+                "Predict every case in INPUT (a folder of <case>_0000<ending> files, or one single-channel file) "
+                "with a sliding window, mirroring and the fold ensemble; segmentations keep the input's geometry "
+                "and format. Postprocessing chosen by find-best is applied when present.")
+    p.add_argument("-i", "--input", required=True, help="input folder or file")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--no-mirror", action="store_true", help="disable test-time mirroring (8x faster in 3D)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz softmax probabilities")
+    p.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file name in each fold")
+    p.add_argument("--no-postprocessing", action="store_true", help="ignore postprocessing.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-np", "--num-workers", type=int, default=2, help="reader/writer processes")
+
+    p = command("ensemble", _cmd_ensemble, "average saved probabilities of several prediction folders",
+                "Average the <case>.npz probabilities of several prediction folders and write segmentations.")
+    p.add_argument("-i", "--inputs", nargs="+", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--save-probabilities", action="store_true")
+
+    p = command("evaluate", _cmd_evaluate, "compare predictions with reference segmentations",
+                "Compute Dice, IoU, HD95 and NSD per case and class; writes PRED/summary.json and prints a table.")
+    p.add_argument("prediction")
+    p.add_argument("reference")
+    p.add_argument("-l", "--labels", type=int, nargs="+", default=None, help="labels to evaluate (default: all found)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm")
+    p.add_argument("-np", "--num-workers", type=int, default=2)
+
+    p = command("find-best", _cmd_find_best, "pick the best configuration / ensemble and postprocessing",
+                "Evaluate the cross-validation predictions of every trained configuration and their pairwise "
+                "ensembles, choose the best, decide postprocessing, write a report and print the predict command.")
+    p.add_argument("dataset")
+    p.add_argument("--configs", nargs="+", default=None, help="restrict to these <config>__<arch> result folders")
+    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+
+    p = command("demo", _cmd_demo, "run the whole pipeline on a small synthetic dataset",
+                "Generate a small synthetic dataset and run verify -> plan -> preprocess -> train -> predict -> "
+                "evaluate -> find-best on it, printing what each stage did. Minutes on a CPU.")
+    p.add_argument("--quick", action="store_true", help="train fold 0 only")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--keep", action="store_true", help="keep an existing demo folder instead of starting fresh")
+
+    command("info", _cmd_info, "show environment, device and the datasets found",
+            "Print versions, the device autoseg would use, the data root and each dataset's state.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s" if not args.verbose else "%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except AutosegError as exc:
+        if args.debug:
+            raise
+        print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"autoseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

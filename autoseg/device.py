@@ -1,0 +1,53 @@
+"""Device choice in one place: CUDA when present, else Apple MPS, else CPU; ``--device`` overrides."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from autoseg.errors import ConfigurationError
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """Resolve ``auto|cuda|cpu|mps`` (``cuda:1`` too) to a torch.device, with a clear error if unavailable."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigurationError(
+                "--device cuda was requested but PyTorch sees no CUDA GPU; install a CUDA build of torch "
+                "(see README) or use --device cpu"
+            )
+        return torch.device(requested)
+    if requested == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ConfigurationError("--device mps was requested but MPS is not available; use --device cpu")
+        return torch.device("mps")
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ConfigurationError(f"unknown device '{requested}'; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for training/inference on ``device``, or None for full precision.
+
+    bf16 where the GPU supports it (no loss scaling needed), fp16 on older GPUs; full precision on CPU/MPS.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Use all cores for intra-op parallelism on CPU (torch sometimes defaults to fewer in containers)."""
+    if num_threads is None:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, num_threads))
+    return torch.get_num_threads()

@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad dataset, a missing plan, an unreadable image) raises a subclass of
+:class:`AutosegError`. The CLI catches these once and prints the message as a single line; anything else
+is a bug and keeps its traceback. Messages say which file, what was expected, what was found and the fix.
+"""
+from __future__ import annotations
+
+
+class AutosegError(Exception):
+    """Base class of all errors meant for the user rather than the developer."""
+
+
+class DatasetError(AutosegError):
+    """The raw dataset (folder layout, dataset.json, a case) is not what autoseg expects."""
+
+
+class ImageReadError(AutosegError):
+    """An image or label file cannot be read or has an unsupported format."""
+
+
+class ConfigurationError(AutosegError):
+    """A plan, configuration, architecture or option is invalid or missing."""
+
+
+class PreprocessingError(AutosegError):
+    """Preprocessed data is missing, incomplete or inconsistent with the plan."""
+
+
+class CheckpointError(AutosegError):
+    """A checkpoint is missing, corrupted or belongs to another model."""
+
+
+class TrainingError(AutosegError):
+    """Training cannot continue (NaN loss, out of memory, ...)."""
+
+
+class PredictionError(AutosegError):
+    """One or more cases could not be predicted."""

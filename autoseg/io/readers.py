@@ -1,0 +1,163 @@
+"""Reading and writing images with their geometry.
+
+One backend, SimpleITK, covers every format we support (NIfTI, NRRD, MHA/MHD, PNG, TIFF, BMP) and keeps
+origin and direction exactly; numpy arrays come out with axes reversed relative to ITK (``z, y, x``).
+2D natural images (PNG/TIFF/BMP) may hold several colour channels in one file: they are returned as that
+many channels, which is the raw-format convention for RGB data.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from autoseg.errors import ImageReadError
+from autoseg.fileio import atomic_path
+from autoseg.io.geometry import Geometry
+
+VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+NATURAL_IMAGE_ENDINGS = (".png", ".tif", ".tiff", ".bmp")
+SUPPORTED_ENDINGS = VOLUME_ENDINGS + NATURAL_IMAGE_ENDINGS
+
+
+def file_ending(path: str | os.PathLike) -> str | None:
+    """The supported ending of ``path`` (``.nii.gz`` counts as one), or None."""
+    name = Path(path).name.lower()
+    for ending in sorted(SUPPORTED_ENDINGS, key=len, reverse=True):
+        if name.endswith(ending):
+            return ending
+    return None
+
+
+def is_natural_image(path: str | os.PathLike) -> bool:
+    return file_ending(path) in NATURAL_IMAGE_ENDINGS
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file does not exist")
+    if file_ending(path) is None:
+        raise ImageReadError(
+            f"{path}: unsupported file ending; expected one of {', '.join(SUPPORTED_ENDINGS)}"
+        )
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise ImageReadError(f"{path}: cannot be read ({first_line}); the file is corrupt or not an image") from exc
+
+
+def _geometry_of(image: sitk.Image, natural: bool) -> Geometry:
+    size = image.GetSize()  # ITK order x, y(, z)
+    spacing = image.GetSpacing()
+    origin = image.GetOrigin()
+    direction = image.GetDirection()
+    if natural and len(size) == 2:
+        # PNG/BMP/TIFF carry no reliable physical spacing; treat pixels as 1 mm squares.
+        spacing = (1.0, 1.0)
+    return Geometry(
+        shape=tuple(int(s) for s in reversed(size)),
+        spacing=tuple(float(s) for s in reversed(spacing)),
+        origin=tuple(float(v) for v in origin),
+        direction=tuple(float(v) for v in direction),
+    )
+
+
+def read_channels(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read one file as ``[C, (Z,) Y, X]`` float32 plus its geometry. C > 1 only for colour images."""
+    path = Path(path)
+    image = _read_sitk(path)
+    natural = is_natural_image(path)
+    geometry = _geometry_of(image, natural)
+    array = sitk.GetArrayFromImage(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        array = np.moveaxis(array, -1, 0)  # vector pixels come last from SimpleITK
+    else:
+        array = array[None]
+    if geometry.dims not in (2, 3):
+        raise ImageReadError(
+            f"{path}: has {geometry.dims} dimensions; autoseg reads 2D or 3D images "
+            "(4D Decathlon files: run `autoseg convert-msd` first)"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32), geometry
+
+
+def read_image(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, Geometry]:
+    """Read a case's channel files (``<case>_0000``, ``_0001``, ...) into one ``[C, (Z,) Y, X]`` float32 array.
+
+    All files must share shape and geometry; the first file's geometry is returned. A colour PNG counts as
+    as many channels as it has colour components.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ImageReadError("no image files given")
+    arrays, geometry = [], None
+    for path in paths:
+        array, geom = read_channels(path)
+        if geometry is None:
+            geometry = geom
+        elif geom.shape != geometry.shape:
+            raise ImageReadError(
+                f"{path}: shape {geom.shape} differs from {Path(paths[0]).name} {geometry.shape}; "
+                "all channels of a case must have the same grid"
+            )
+        arrays.append(array)
+    assert geometry is not None
+    return np.concatenate(arrays, axis=0), geometry
+
+
+def read_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as ``[(Z,) Y, X]`` (integer values kept exactly; dtype as stored, no channel axis)."""
+    path = Path(path)
+    image = _read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise ImageReadError(
+            f"{path}: label file has {image.GetNumberOfComponentsPerPixel()} colour channels; "
+            "a segmentation must be a single-channel integer image"
+        )
+    return sitk.GetArrayFromImage(image), _geometry_of(image, is_natural_image(path))
+
+
+def _to_sitk(array: np.ndarray, geometry: Geometry, natural: bool) -> sitk.Image:
+    if array.shape != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    image = sitk.GetImageFromArray(array)
+    if not natural:
+        image.SetSpacing(tuple(float(s) for s in reversed(geometry.spacing)))
+        image.SetOrigin(geometry.origin)
+        image.SetDirection(geometry.direction)
+    return image
+
+
+def write_segmentation(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
+    """Write a label map ``[(Z,) Y, X]`` with ``geometry``, atomically (temp file + rename).
+
+    Values are stored as uint8 when they fit (uint16 otherwise); PNG/BMP label maps must fit in uint8/uint16.
+    """
+    path = Path(path)
+    ending = file_ending(path)
+    if ending is None:
+        raise ImageReadError(f"{path}: unsupported file ending; expected one of {', '.join(SUPPORTED_ENDINGS)}")
+    values = np.asarray(array)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"label values must lie in 0..65535, found {values.min()}..{values.max()}")
+    dtype = np.uint8 if (values.size == 0 or values.max() < 256) else np.uint16
+    image = _to_sitk(values.astype(dtype), geometry, ending in NATURAL_IMAGE_ENDINGS)
+    with atomic_path(path, suffix=ending) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=ending in (".nii.gz", ".nrrd", ".mha"))
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
+    """Write one channel ``[(Z,) Y, X]`` (float or integer, dtype kept) with ``geometry``, atomically."""
+    path = Path(path)
+    ending = file_ending(path)
+    if ending is None:
+        raise ImageReadError(f"{path}: unsupported file ending; expected one of {', '.join(SUPPORTED_ENDINGS)}")
+    image = _to_sitk(np.asarray(array), geometry, ending in NATURAL_IMAGE_ENDINGS)
+    with atomic_path(path, suffix=ending) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=ending in (".nii.gz", ".nrrd", ".mha"))

@@ -1,0 +1,173 @@
+"""Small building blocks shared by the architectures.
+
+Everything here works for 2D and 3D alike: the dimensionality is a constructor argument (``dims``), never a
+separate class, so one network definition serves both (the MONAI ``spatial_dims`` idea, see style.md).
+Tensors are channels-first: ``[B, C, (Z,) Y, X]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def conv_class(dims: int) -> type[nn.Module]:
+    """``nn.Conv2d`` or ``nn.Conv3d`` for a 2D or 3D network."""
+    return {2: nn.Conv2d, 3: nn.Conv3d}[_check_dims(dims)]
+
+
+def transposed_conv_class(dims: int) -> type[nn.Module]:
+    """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``."""
+    return {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[_check_dims(dims)]
+
+
+def dropout_class(dims: int) -> type[nn.Module]:
+    """Channel dropout (``nn.Dropout2d``/``nn.Dropout3d``): drops whole feature maps, as the papers do."""
+    return {2: nn.Dropout2d, 3: nn.Dropout3d}[_check_dims(dims)]
+
+
+def _check_dims(dims: int) -> int:
+    if dims not in (2, 3):
+        raise ValueError(f"networks are 2D or 3D, got dims={dims}")
+    return dims
+
+
+def as_tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    """``3 -> (3, 3, 3)``; a sequence is checked to have ``dims`` entries."""
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    if len(value) != dims:
+        raise ValueError(f"expected {dims} values (one per axis), got {value}")
+    return value
+
+
+def same_padding(kernel_size: Sequence[int]) -> tuple[int, ...]:
+    """Padding that keeps the size for odd kernels ("same"), as nnU-Net uses for every conv."""
+    return tuple((k - 1) // 2 for k in kernel_size)
+
+
+def norm_layer(kind: str | None, dims: int, channels: int) -> nn.Module:
+    """A normalisation layer by name.
+
+    ``"instance"``: InstanceNorm, eps 1e-5, affine (nnU-Net's choice); ``"instance_noaffine"``: InstanceNorm
+    without affine parameters (MONAI's default, used by UNETR++'s full-resolution path); ``"batch"``:
+    BatchNorm; ``"none"``/``None``: identity (the original UNet++ has no normalisation).
+    """
+    if kind in (None, "none"):
+        return nn.Identity()
+    if kind == "instance":
+        return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims](channels, eps=1e-5, affine=True)
+    if kind == "instance_noaffine":
+        return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims](channels, eps=1e-5, affine=False)
+    if kind == "batch":
+        return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](channels, eps=1e-5)
+    raise ValueError(f"unknown norm {kind!r}; expected 'instance', 'instance_noaffine', 'batch' or 'none'")
+
+
+def activation_layer(kind: str, negative_slope: float = 0.01) -> nn.Module:
+    """``"leaky_relu"`` (slope 0.01, nnU-Net), ``"relu"`` (original UNet++) or ``"gelu"``."""
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(negative_slope, inplace=True)
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {kind!r}; expected 'leaky_relu', 'relu' or 'gelu'")
+
+
+class ConvNormAct(nn.Sequential):
+    """conv (bias) -> norm -> activation [-> channel dropout]: nnU-Net's conv block (architectures.md 1).
+
+    The conv keeps its bias even before a norm, as nnU-Net does, so our parameter counts match its networks.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int] | int = 1,
+        norm: str | None = "instance",
+        activation: str = "leaky_relu",
+        dropout: float = 0.0,
+    ) -> None:
+        kernel_size = as_tuple(kernel_size, dims)
+        layers: list[nn.Module] = [
+            conv_class(dims)(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=as_tuple(stride, dims),
+                padding=same_padding(kernel_size),
+                bias=True,
+            ),
+            norm_layer(norm, dims, out_channels),
+            activation_layer(activation),
+        ]
+        if dropout > 0:
+            layers.append(dropout_class(dims)(dropout))
+        super().__init__(*layers)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a channels-first map (one normalisation per pixel/voxel).
+
+    The transformer-style blocks (UNet-2022) normalise each position over its channels; this applies
+    ``F.layer_norm`` with the channel axis moved last and back, so callers stay channels-first.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(1, -1)
+        x = F.layer_norm(x, (self.channels,), self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample during training (rate ``p``)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * mask / keep
+
+
+def init_kaiming(module: nn.Module, negative_slope: float = 1e-2) -> None:
+    """Kaiming-normal (slope 1e-2) on conv weights, zero biases: nnU-Net's initialisation (architectures.md 1)."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=negative_slope)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def prod_per_axis(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Total downsampling per axis: the product of the strides of all stages."""
+    return tuple(math.prod(axis) for axis in zip(*strides))
+
+
+def cumulative_strides(strides: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Downsampling factor per axis at each stage (``cumprod`` over stages)."""
+    out: list[tuple[int, ...]] = []
+    current = [1] * len(strides[0])
+    for stride in strides:
+        current = [c * s for c, s in zip(current, stride)]
+        out.append(tuple(current))
+    return out

@@ -1,0 +1,184 @@
+"""plans.json: what the planner decided, as dataclasses. Every later stage reads these, never raw dicts.
+
+A *configuration* is one way of training on the dataset: a data resolution (``data_identifier``: which
+preprocessed folder it reads) plus an architecture and its topology. Several configurations may share one
+preprocessed folder: ``3d_fullres`` (plain U-Net) and ``3d_fullres_unetrpp`` both read ``3d_fullres``.
+
+Axis conventions (style.md): ``patch_size``, ``strides`` and ``kernel_sizes`` are in array axis order;
+``target_spacing`` has one entry per *network* axis: 3 for 3D configurations, 2 (in-plane) for 2D ones,
+whose slices keep their own out-of-plane spacing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoseg.errors import ConfigurationError
+from autoseg.fileio import read_json, write_json
+
+PLANS_SCHEMA_VERSION = 1
+PLANS_FILE = "plans.json"
+
+# Channel normalisation schemes (chosen per channel by its name in dataset.json; see docs/planning.md).
+NORM_CT = "ct"  # clip to dataset foreground [p0.5, p99.5], subtract foreground mean, divide by its std
+NORM_ZSCORE = "zscore"  # per-image mean/std (inside the nonzero mask when use_mask_for_norm)
+NORM_NONE = "none"
+NORM_RESCALE = "rescale_0_1"  # min-max per image
+NORM_RGB = "rgb_0_1"  # divide by 255
+NORMALIZATION_SCHEMES = (NORM_CT, NORM_ZSCORE, NORM_NONE, NORM_RESCALE, NORM_RGB)
+
+
+@dataclass
+class IntensityStats:
+    """Foreground intensity statistics of one channel over the whole dataset (fingerprint)."""
+
+    mean: float
+    std: float
+    median: float
+    min: float
+    max: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+
+@dataclass
+class Resampling:
+    """How arrays are resampled to the target spacing and back (preprocessing and restore).
+
+    ``separate_z``: resample the coarse axis (``coarse_axis``) on its own with ``order_z``, the other axes with
+    ``order_image`` / ``order_label``; decided per case when None (anisotropy > ``anisotropy_threshold``).
+    """
+
+    order_image: int = 3
+    order_label: int = 1  # applied to one-hot labels, then argmax: keeps thin structures
+    order_probabilities: int = 1
+    order_z: int = 0
+    separate_z: bool | None = None
+    anisotropy_threshold: float = 3.0
+
+
+@dataclass
+class ArchitectureSpec:
+    """The network of a configuration, as numbers. ``build_kwargs`` are passed to
+    ``autoseg.networks.build(name, in_channels, num_classes, **build_kwargs)``."""
+
+    name: str
+    patch_size: list[int]
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    features: list[int]
+    deep_supervision: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def build_kwargs(self) -> dict[str, Any]:
+        return {
+            "patch_size": list(self.patch_size),
+            "strides": [list(s) for s in self.strides],
+            "kernel_sizes": [list(k) for k in self.kernel_sizes],
+            "features": list(self.features),
+            "deep_supervision": self.deep_supervision,
+            **self.options,
+        }
+
+
+@dataclass
+class Configuration:
+    name: str  # e.g. "3d_fullres", "2d", "3d_fullres_unetrpp", "2d_unet2022"
+    data_identifier: str  # preprocessed folder it reads: "2d", "3d_fullres", "3d_lowres"
+    dims: int  # 2 or 3: dimensionality of the network and its patches
+    target_spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    median_shape: list[float]  # median image shape at target spacing (network axes)
+    normalization: list[str]  # one scheme per channel
+    use_mask_for_norm: list[bool]
+    resampling: Resampling
+    architecture: ArchitectureSpec
+    memory_estimate_bytes: int = 0  # training memory the patch/batch choice was based on
+    previous_stage: str | None = None  # cascade: configuration whose predictions become extra inputs
+    notes: list[str] = field(default_factory=list)  # human-readable reasons for decisions
+
+    @property
+    def architecture_name(self) -> str:
+        return self.architecture.name
+
+
+@dataclass
+class Plans:
+    dataset_name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    file_ending: str
+    configurations: dict[str, Configuration]
+    default_configurations: list[str]  # trained by default / compared by find-best
+    intensity_stats: dict[str, IntensityStats]  # per channel index (as string), for CT normalisation
+    median_spacing: list[float]  # dataset median spacing (array order, 3 entries for 3D data)
+    median_shape: list[float]
+    gpu_memory_gb: float = 8.0
+    schema_version: int = PLANS_SCHEMA_VERSION
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def configuration(self, name: str, architecture: str | None = None) -> Configuration:
+        """Look up a configuration by name, or by base name + architecture (``"3d_fullres", "unetrpp"``)."""
+        candidates = [name]
+        if architecture:
+            candidates = [f"{name}_{architecture}", name]
+        for candidate in candidates:
+            config = self.configurations.get(candidate)
+            if config is not None and (architecture is None or config.architecture.name == architecture):
+                return config
+        wanted = f"'{name}'" + (f" with architecture '{architecture}'" if architecture else "")
+        available = ", ".join(
+            f"{n} ({c.architecture.name})" for n, c in sorted(self.configurations.items())
+        )
+        raise ConfigurationError(
+            f"plans for {self.dataset_name} have no configuration {wanted}; available: {available}. "
+            "Re-run `autoseg plan` with --arch/--configs to add it"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plans":
+        version = data.get("schema_version")
+        if version != PLANS_SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"plans schema version {version!r} is not {PLANS_SCHEMA_VERSION}; re-run `autoseg plan`"
+            )
+        configurations = {}
+        for key, raw in data["configurations"].items():
+            raw = dict(raw)
+            raw["resampling"] = Resampling(**raw["resampling"])
+            raw["architecture"] = ArchitectureSpec(**raw["architecture"])
+            configurations[key] = Configuration(**raw)
+        fields = dict(data)
+        fields["configurations"] = configurations
+        fields["intensity_stats"] = {k: IntensityStats(**v) for k, v in data["intensity_stats"].items()}
+        return cls(**fields)
+
+
+def save_plans(plans: Plans, path: str | os.PathLike) -> None:
+    write_json(path, plans.to_json())
+
+
+def load_plans(path: str | os.PathLike) -> Plans:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(
+            f"{path}: no plans found; run `autoseg plan {path.parent.name}` first"
+        )
+    try:
+        return Plans.from_json(read_json(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{path}: not a valid autoseg plans file ({exc}); re-run `autoseg plan`") from exc
