@@ -1,0 +1,32 @@
+"""Networks: one registry, one file per architecture, SelfReg losses, and summaries (params, FLOPs, memory).
+
+Use :func:`build` to make a network; :func:`constraints`, :func:`check_patch`, :func:`patch_divisor` and
+:func:`adjust_patch` let the planner choose patches without knowing architecture names. The protocol every
+network follows is documented in :mod:`autoseg.networks.registry`.
+"""
+from autoseg.networks.registry import (
+    ArchitectureInfo,
+    adjust_patch,
+    available,
+    build,
+    check_patch,
+    constraints,
+    get,
+    patch_divisor,
+    register,
+)
+
+# importing an architecture module registers it
+from autoseg.networks import unet  # noqa: E402,F401
+
+__all__ = [
+    "ArchitectureInfo",
+    "adjust_patch",
+    "available",
+    "build",
+    "check_patch",
+    "constraints",
+    "get",
+    "patch_divisor",
+    "register",
+]

@@ -1,0 +1,59 @@
+import time
+
+import torch
+
+from autoseg.networks import build
+from autoseg.networks.summary import activation_bytes, count_parameters, estimate_flops, parameter_bytes
+
+PLAN_3D = dict(
+    patch_size=(40, 56, 48),
+    strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+    kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    features=[32, 64, 128, 256],
+)
+
+
+def test_count_parameters_by_hand():
+    conv = torch.nn.Conv3d(2, 4, 3)
+    assert count_parameters(conv) == 2 * 4 * 27 + 4
+    conv.bias.requires_grad_(False)
+    assert count_parameters(conv, trainable_only=True) == 2 * 4 * 27
+
+
+def test_flops_of_a_single_conv():
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    # one multiply-add counted as 2 FLOPs: 2 * out_elements * in_channels * kernel
+    assert estimate_flops(conv, (1, 3, 8, 8)) == 2 * (5 * 8 * 8) * 3 * 9
+
+
+def test_flops_on_meta_network():
+    with torch.device("meta"):
+        net = build("unet", 1, 2, **PLAN_3D)
+    assert estimate_flops(net, (1, 1, *PLAN_3D["patch_size"])) > 1e9
+
+
+def test_activation_bytes_scale_with_batch_and_dtype_and_are_fast():
+    start = time.perf_counter()
+    one = activation_bytes("unet", 1, 2, batch_size=1, **PLAN_3D)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5
+    two = activation_bytes("unet", 1, 2, batch_size=2, **PLAN_3D)
+    assert two == 2 * one
+    fp32 = activation_bytes("unet", 1, 2, batch_size=1, dtype_bytes=4, **PLAN_3D)
+    assert fp32 == 2 * one
+
+
+def test_activation_bytes_match_a_hand_count_for_one_stage():
+    # A conv -> instance norm -> leaky relu block saves: the input (for the conv weight grad), the conv output
+    # (norm input), the norm output (leaky relu, in place: saved once as its result). So at least 2 maps of
+    # the output size per conv block; and the estimate must not exceed a generous upper bound.
+    plan = dict(patch_size=(16, 16), strides=[[1, 1], [2, 2]], kernel_sizes=[[3, 3], [3, 3]], features=[8, 16])
+    measured = activation_bytes("unet", 1, 2, batch_size=1, dtype_bytes=1, **plan)
+    full, half = 16 * 16, 8 * 8
+    maps = 2 * 8 * full + 2 * 16 * half + 2 * 8 * full  # encoder stage 0, stage 1, decoder stage
+    assert 2 * maps <= measured <= 5 * maps
+
+
+def test_parameter_bytes():
+    conv = torch.nn.Conv2d(1, 1, 1)
+    assert parameter_bytes(conv, optimizer_states=1) == 2 * 4 * 3
