@@ -1,0 +1,23 @@
+"""Training: sampler + loader, augmentation, losses, schedule, checkpoint, trainer, distributed, progress.
+
+The one door in is :func:`train` (``autoseg train``); :func:`autoseg.training.checkpoint.load_checkpoint`
+is what inference uses to read the results. ``train`` is imported lazily so that importing the checkpoint
+module does not pull in the whole training stack.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["train", "parse_duration"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train":
+        from autoseg.training.trainer import train
+
+        return train
+    if name == "parse_duration":
+        from autoseg.training.schedule import parse_duration
+
+        return parse_duration
+    raise AttributeError(f"module 'autoseg.training' has no attribute {name!r}")
