@@ -21,6 +21,8 @@ from autoseg.io.geometry import Geometry
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NATURAL_IMAGE_ENDINGS = (".png", ".tif", ".tiff", ".bmp")
 SUPPORTED_ENDINGS = VOLUME_ENDINGS + NATURAL_IMAGE_ENDINGS
+# Part of the message for a header with 0 mm spacing (verify reports it as a spacing problem).
+ZERO_SPACING_MESSAGE = "header gives zero spacing along an axis"
 
 
 def file_ending(path: str | os.PathLike) -> str | None:
@@ -46,6 +48,11 @@ def _read_sitk(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        if "zero-valued spacing" in str(exc).lower():
+            # ITK refuses to build an image whose header gives 0 mm voxel spacing along an axis.
+            raise ImageReadError(
+                f"{path}: {ZERO_SPACING_MESSAGE}; write the true voxel spacing (mm) into the file's header"
+            ) from exc
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
         raise ImageReadError(f"{path}: cannot be read ({first_line}); the file is corrupt or not an image") from exc
 
