@@ -1,0 +1,230 @@
+"""Sliding-window prediction: the numerics, as small pure functions plus one driver.
+
+The image is covered by overlapping windows of exactly the planned patch size (networks such as UNETR++ are
+built for one patch and accept nothing else). Each window's logits are weighted by a Gaussian importance map,
+so voxels near a window's border (where the network saw little context) count less, and the weighted sum is
+divided by the summed weights. Numbers from the nnU-Net method (shared/reference/nnunet.md, "Inference"):
+step 0.5 of the patch, sigma = 1/8 of the patch, test-time mirroring over all spatial axes, logits
+accumulated on the GPU when they fit.
+
+Axis conventions (style.md): data is ``[C, Z, Y, X]``; ``patch_size`` has one entry per *network* axis
+(3 for 3D, 2 for 2D). A 2D network predicts each Z slice of the 4D array with 2D windows.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Gaussian weights over one window, float32 of shape ``patch_size``, maximum 1.
+
+    The centre is the geometric centre ``(p - 1) / 2`` of each axis, so the map is exactly symmetric under
+    flipping (mirroring then stays exactly undoable). ``sigma = p * sigma_scale`` voxels per axis (nnU-Net:
+    1/8). Values that underflow to 0 in float32 are replaced by the smallest non-zero value, so every voxel of
+    every window keeps a positive weight and the division by the summed weights is always defined.
+    """
+    axes = []
+    for p in patch_size:
+        p = int(p)
+        if p <= 0:
+            raise ValueError(f"patch size must be positive, got {tuple(patch_size)}")
+        sigma = max(p * sigma_scale, 1e-6)
+        coords = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        axes.append(np.exp(-0.5 * (coords / sigma) ** 2))
+    weights = axes[0]
+    for axis in axes[1:]:
+        weights = np.multiply.outer(weights, axis)
+    weights = np.asarray(weights / weights.max(), dtype=np.float32)
+    positive = weights[weights > 0]
+    # with float32 underflow a tiny sigma can zero the corners; 1.0 exists, so `positive` is never empty
+    weights[weights == 0] = positive.min()
+    return weights
+
+
+def compute_tile_starts(
+    image_shape: Sequence[int], patch_size: Sequence[int], step_size: float = 0.5
+) -> list[list[int]]:
+    """Per axis, the start indices of the windows along that axis.
+
+    ``image_shape`` and ``patch_size`` have the same length and ``image_shape >= patch_size`` on every axis
+    (pad first, :func:`pad_to_patch`). The number of windows per axis is the fewest whose spacing does not
+    exceed ``step_size * patch``; they are spread evenly from 0 to ``size - patch``, so the first window
+    touches the start, the last one the end, and every voxel is covered.
+    """
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size is a fraction of the patch in (0, 1], got {step_size}")
+    if len(image_shape) != len(patch_size):
+        raise ValueError(f"image shape {tuple(image_shape)} and patch {tuple(patch_size)} differ in length")
+    starts = []
+    for size, patch in zip(image_shape, patch_size):
+        size, patch = int(size), int(patch)
+        if size < patch:
+            raise ValueError(f"image shape {tuple(image_shape)} is smaller than patch {tuple(patch_size)}; pad first")
+        target_step = patch * step_size
+        n_windows = int(math.ceil((size - patch) / target_step)) + 1
+        if n_windows == 1:
+            starts.append([0])
+            continue
+        actual_step = (size - patch) / (n_windows - 1)
+        # round half up (not Python's half-to-even) so the spacing pattern is the same on every axis
+        starts.append([int(math.floor(actual_step * i + 0.5)) for i in range(n_windows)])
+    return starts
+
+
+def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the trailing ``len(patch_size)`` axes of ``data`` up to ``patch_size`` where smaller.
+
+    Padding is split evenly on both sides (extra voxel at the end). Returns the padded tensor and the
+    slices (one per axis of ``data``) that cut the original region back out: ``padded[slices]`` equals
+    ``data``. Axes already at least as large are left alone.
+    """
+    spatial = data.shape[-len(patch_size):]
+    lead = data.ndim - len(patch_size)
+    pads: list[tuple[int, int]] = []
+    for size, patch in zip(spatial, patch_size):
+        missing = max(0, int(patch) - int(size))
+        pads.append((missing // 2, missing - missing // 2))
+    slices = tuple([slice(None)] * lead + [slice(lo, lo + size) for (lo, _), size in zip(pads, spatial)])
+    if not any(lo or hi for lo, hi in pads):
+        return data, slices
+    # F.pad takes (last axis lo, hi, second-to-last lo, hi, ...)
+    flat = [v for lo_hi in reversed(pads) for v in lo_hi]
+    return torch.nn.functional.pad(data, flat, mode="constant", value=0.0), slices
+
+
+def window_slices(tile_starts: Sequence[Sequence[int]], patch_size: Sequence[int]) -> Iterator[tuple[slice, ...]]:
+    """All windows as tuples of slices over the spatial axes, in C order of the start grid."""
+    for start in itertools.product(*tile_starts):
+        yield tuple(slice(s, s + int(p)) for s, p in zip(start, patch_size))
+
+
+def mirror_axis_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes (as indices counted from the first spatial axis), empty set first.
+
+    3D gives 8 sets, 2D gives 4 (nnU-Net mirrors over all combinations of the trained mirror axes).
+    """
+    axes = range(spatial_dims)
+    return [combo for r in range(spatial_dims + 1) for combo in itertools.combinations(axes, r)]
+
+
+def _forward_logits(network: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Network logits at the input resolution; with deep supervision only the highest resolution."""
+    output = network(batch)
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return output
+
+
+def _predict_windows(
+    network: nn.Module, batch: torch.Tensor, mirror: bool, amp: torch.dtype | None
+) -> torch.Tensor:
+    """Logits ``[B, K, *window]`` float32 for a batch ``[B, C, *window]``, averaged over mirrorings.
+
+    Each mirrored prediction is flipped back before averaging, so mirroring is exactly undone.
+    """
+    spatial_dims = batch.ndim - 2
+    axis_sets = mirror_axis_sets(spatial_dims) if mirror else [()]
+    autocast = (
+        torch.autocast(device_type=batch.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    )
+    total: torch.Tensor | None = None
+    with autocast:
+        for axes in axis_sets:
+            dims = [a + 2 for a in axes]
+            inputs = torch.flip(batch, dims) if dims else batch
+            logits = _forward_logits(network, inputs).float()
+            if dims:
+                logits = torch.flip(logits, dims)
+            total = logits if total is None else total + logits
+    assert total is not None
+    return total / len(axis_sets)
+
+
+def _allocate(shape: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.device]:
+    """A float32 zero tensor on ``device``; on out-of-memory the CPU instead (nnU-Net does the same)."""
+    if device.type != "cpu":
+        try:
+            return torch.zeros(tuple(shape), dtype=torch.float32, device=device), device
+        except torch.cuda.OutOfMemoryError:
+            log.info("accumulator of shape %s does not fit on %s; accumulating on the CPU", tuple(shape), device)
+            torch.cuda.empty_cache()
+    return torch.zeros(tuple(shape), dtype=torch.float32), torch.device("cpu")
+
+
+def sliding_window_predict(
+    network: nn.Module,
+    data: torch.Tensor | np.ndarray,
+    patch_size: Sequence[int],
+    dims: int,
+    num_classes: int,
+    step_size: float = 0.5,
+    mirror: bool = True,
+    device: torch.device | str = "cpu",
+    batch_size: int = 2,
+    amp: torch.dtype | None = None,
+    softmax: bool = False,
+    sigma_scale: float = 1.0 / 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Predict a whole preprocessed image with overlapping windows.
+
+    ``data``: ``[C, Z, Y, X]`` (float32). ``patch_size``: ``dims`` entries (3D: ``(pz, py, px)``; 2D:
+    ``(py, px)``, each Z slice predicted on its own). ``batch_size`` windows go through the network at once.
+    ``amp``: autocast dtype (``autoseg.device.amp_dtype``) or None. Returns float32 ``[K, Z, Y, X]`` on the
+    CPU: Gaussian-weighted mean logits, or their softmax over K when ``softmax``.
+    The network must already be on ``device`` and in eval mode; call under ``torch.inference_mode()``.
+    """
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    if data.ndim != 4:
+        raise ValueError(f"sliding_window_predict expects [C, Z, Y, X], got shape {tuple(data.shape)}")
+    if dims not in (2, 3) or len(patch_size) != dims:
+        raise ValueError(f"patch {tuple(patch_size)} does not match dims={dims}")
+    device = torch.device(device)
+    # a 2D network sees windows of one slice: treat it as a 3D window of depth 1, squeezed before the forward
+    window = tuple(int(p) for p in patch_size) if dims == 3 else (1, *(int(p) for p in patch_size))
+    padded, unpad = pad_to_patch(data.float(), window)
+    spatial = tuple(padded.shape[1:])
+    tiles = list(window_slices(compute_tile_starts(spatial, window, step_size), window))
+
+    accumulated, acc_device = _allocate((num_classes, *spatial), device)
+    weight_sum, _ = _allocate(spatial, acc_device)
+    gaussian = torch.from_numpy(gaussian_importance_map(window, sigma_scale)).to(acc_device)
+
+    iterator: Iterator[int] = iter(range(0, len(tiles), batch_size))
+    if progress:
+        from tqdm import tqdm
+
+        iterator = iter(tqdm(list(iterator), desc="windows", leave=False, unit="batch"))
+    for first in iterator:
+        batch_tiles = tiles[first:first + batch_size]
+        batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles]).to(device, non_blocking=True)
+        if dims == 2:
+            batch = batch[:, :, 0]
+        logits = _predict_windows(network, batch, mirror, amp)
+        if dims == 2:
+            logits = logits[:, :, None]
+        if logits.shape[1] != num_classes or tuple(logits.shape[2:]) != window:
+            raise ValueError(
+                f"network returned {tuple(logits.shape)} for windows {window}; expected {num_classes} classes "
+                "at the window size"
+            )
+        logits = logits.to(acc_device)
+        for tile, window_logits in zip(batch_tiles, logits):
+            accumulated[(slice(None), *tile)] += window_logits * gaussian
+            weight_sum[tile] += gaussian
+    accumulated /= weight_sum
+    result = accumulated[unpad]
+    if softmax:
+        result = torch.softmax(result, dim=0)
+    return result.cpu()
