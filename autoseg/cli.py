@@ -131,11 +131,13 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from autoseg.evaluation import evaluate_folders
+    from autoseg.evaluation import evaluate_folders, format_table
 
     summary = evaluate_folders(
         args.prediction, args.reference, labels=args.labels, tolerance_mm=args.tolerance, num_workers=args.num_workers
     )
+    print(format_table(summary))
+    print(f"summary written to {summary.prediction_dir}/summary.json")
     return 0 if summary.ok else 1
 
 
