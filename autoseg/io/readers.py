@@ -46,7 +46,7 @@ def _read_sitk(path: Path) -> sitk.Image:
             f"{path}: unsupported file ending; expected one of {', '.join(SUPPORTED_ENDINGS)}"
         )
     try:
-        return sitk.ReadImage(str(path))
+        return _gray_palette_as_scalar(sitk.ReadImage(str(path)), path)
     except RuntimeError as exc:
         if "zero-valued spacing" in str(exc).lower():
             # ITK refuses to build an image whose header gives 0 mm voxel spacing along an axis.
@@ -55,6 +55,23 @@ def _read_sitk(path: Path) -> sitk.Image:
             ) from exc
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
         raise ImageReadError(f"{path}: cannot be read ({first_line}); the file is corrupt or not an image") from exc
+
+
+def _gray_palette_as_scalar(image: sitk.Image, path: Path) -> sitk.Image:
+    """ITK expands 8-bit palette BMPs (how it writes single-channel BMPs) to RGB. When the palette is gray
+    (all three components equal) the file is single-channel: return one component so that grayscale images
+    and label maps stay one channel."""
+    if file_ending(path) != ".bmp" or image.GetNumberOfComponentsPerPixel() != 3:
+        return image
+    with open(path, "rb") as handle:
+        header = handle.read(30)
+    bits_per_pixel = int.from_bytes(header[28:30], "little") if len(header) >= 30 else 24  # BITMAPINFOHEADER
+    if bits_per_pixel > 8:
+        return image
+    array = sitk.GetArrayViewFromImage(image)
+    if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
+        return image
+    return sitk.VectorIndexSelectionCast(image, 0)
 
 
 def _geometry_of(image: sitk.Image, natural: bool) -> Geometry:
