@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from autoseg.errors import ConfigurationError
+from autoseg.networks import adjust_patch, build, check_patch, constraints, get, patch_divisor
+from autoseg.networks.summary import count_parameters
+from autoseg.networks.unetrpp import map_topology
+
+IGNORED = dict(strides=[[1, 1, 1], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 2, features=[32, 64])
+# a small anisotropic plan: stem (1, 2, 2), the coarse axis halved only at the last stage
+TINY = dict(patch_size=(16, 32, 32), stem_stride=(1, 2, 2), stage_strides=[(1, 2, 2), (1, 2, 2), (2, 2, 2)])
+
+
+@pytest.mark.parametrize("variant", ["synapse", "acdc", "brats"])
+def test_forward_backward_tiny_anisotropic(variant):
+    net = build("unetrpp", 2, 3, variant=variant, **TINY, **IGNORED).train()
+    outputs = net(torch.randn(1, 2, 16, 32, 32))
+    # heads on the 16- (full), 32- (P / stem) and 64-channel (P / (stem * first stage stride)) maps
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 16, 32, 32), (1, 3, 16, 16, 16), (1, 3, 16, 8, 8)]
+    assert net.ds_scales == [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (1.0, 0.25, 0.25)]
+    assert net.ds_weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    sum(o.pow(2).mean() for o in outputs).backward()
+    assert net.stem[0].weight.grad is not None and net.encoder[3][0].position.grad is not None
+
+
+def test_fixed_patch_size_is_enforced_with_a_clear_message():
+    net = build("unetrpp", 1, 2, deep_supervision=False, **TINY, **IGNORED)
+    assert get("unetrpp").fixed_patch_size
+    with pytest.raises(ValueError, match=r"built for patch \(16, 32, 32\).*training patch"):
+        net(torch.randn(1, 1, 16, 64, 32))
+
+
+def test_faithful_order_differs_from_correct_order():
+    torch.manual_seed(0)
+    a = build("unetrpp", 1, 2, **TINY, **IGNORED).eval()
+    b = build("unetrpp", 1, 2, faithful_sa_order=True, **TINY, **IGNORED).eval()
+    b.load_state_dict(a.state_dict())
+    attention_a, attention_b = a.encoder[1][0].attention, b.encoder[1][0].attention
+    tokens = torch.randn(1, 16 * 16 * 16 // 4, 64)
+    with torch.no_grad():
+        assert not torch.allclose(attention_a(tokens), attention_b(tokens))
+
+
+@pytest.mark.parametrize(
+    "patch, variant, stem, in_channels, classes, expected, shapes",
+    [
+        ((64, 128, 128), "synapse", (2, 4, 4), 1, 14, 42_952_850,
+         [(14, 64, 128, 128), (14, 32, 32, 32), (14, 16, 16, 16)]),
+        ((128, 128, 128), "brats", (4, 4, 4), 4, 4, 42_647_604, None),
+        ((16, 160, 160), "acdc", (1, 4, 4), 1, 4, 66_796_404,
+         [(4, 16, 160, 160), (4, 16, 40, 40), (4, 8, 20, 20)]),
+    ],
+)
+def test_published_parameter_counts(patch, variant, stem, in_channels, classes, expected, shapes):
+    # architectures.md 6.3 (DS heads included, as in the vectors); built and traced on meta: no memory
+    with torch.device("meta"):
+        net = build("unetrpp", in_channels, classes, patch, variant=variant, stem_stride=stem, **IGNORED)
+        outputs = net(torch.zeros(1, in_channels, *patch))
+    assert abs(count_parameters(net) - expected) / expected < 0.1
+    assert count_parameters(net) == expected  # our implementation reproduces them exactly
+    if shapes:
+        assert [tuple(o.shape[1:]) for o in outputs] == shapes
+
+
+def test_topology_mapping_from_the_plain_unet_plan():
+    # nnU-Net-like plan for 64x128x128: total stride (16, 32, 32) -> the paper's Synapse stem (2, 4, 4)
+    synapse_plan = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert map_topology(synapse_plan) == ((2, 4, 4), [(2, 2, 2)] * 3)
+    # SynthMR-like plan, total (4, 8, 8): stem 1, the coarse axis pooled at the two last stages
+    assert map_topology([[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]) == ((1, 1, 1), [(1, 2, 2), (2, 2, 2), (2, 2, 2)])
+    assert patch_divisor("unetrpp", synapse_plan, 3) == (16, 32, 32)
+
+
+def test_constraints_reject_invalid_patches():
+    assert "3D only" in constraints("unetrpp", (64, 64), 2)[0]
+    with pytest.raises(ConfigurationError, match=r"'unetrpp' cannot use patch \(60, 128, 128\).*divisible"):
+        check_patch("unetrpp", (60, 128, 128), 3, stem_stride=(2, 4, 4))
+    problems = constraints("unetrpp", (16, 32, 32), 3, stem_stride=(2, 4, 4))
+    assert problems and "fewer than its projection size" in " ".join(problems)
+    # adjust_patch grows the patch until token counts are sufficient
+    patch = adjust_patch("unetrpp", (16, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4))
+    assert constraints("unetrpp", patch, 3, stem_stride=(2, 4, 4)) == []
