@@ -1,0 +1,207 @@
+"""Random training patches from the preprocessed store.
+
+The store keeps every case as a ``.npy`` ``[C, Z, Y, X]`` (2D images: Z = 1) that we memory-map, so a patch
+reads only its own region from disk. Rules of the nnU-Net method (shared/reference/nnunet.md):
+
+- 33 % of each batch is *foreground-oversampled*: the patch is centred on a stored location
+  (``CaseProperties.class_locations``) of a randomly chosen class present in the case. The last
+  ``round(0.33 * batch)`` samples of a batch are the forced ones, as in the reference.
+- The patch is sampled larger than the network patch (:func:`enlarged_patch_size`) so that rotation and
+  scaling do not pull in padding; the spatial augmentation then centre-crops to the network patch.
+- 2D configurations sample one slice ``[C, Y, X]`` of the 4D store.
+- Deep-supervision targets: the label downsampled (nearest) to each network output's scale.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from autoseg.preprocessing.store import CaseProperties, image_path, label_path, load_properties
+
+log = logging.getLogger(__name__)
+
+FOREGROUND_OVERSAMPLING = 0.33  # nnU-Net: a third of each batch is centred on foreground
+# nnU-Net computes the enlarged patch with scale 0.85 (not the 0.7 of the scaling augmentation): zooming out
+# further than that pulls in a little padding, which the reference accepts to keep patches small
+ENLARGEMENT_SCALE = 0.85
+
+
+def _rotation_matrix(axis: int, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    others = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    i, j = others
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix
+
+
+def enlarged_patch_size(
+    patch_size: Sequence[int],
+    max_angles: Sequence[float],
+    min_scale: float = ENLARGEMENT_SCALE,
+) -> tuple[int, ...]:
+    """The patch to sample so that rotating by up to ``max_angles`` (radians, one per rotation axis: 1 in
+    2D, 3 in 3D) and zooming out to ``min_scale`` still fits, in voxels, same axis order as ``patch_size``.
+
+    Takes the axis-aligned extent of the patch box rotated by each angle in [0, max] (checked on a grid of
+    angles, the extent is not monotonic beyond 45 degrees), never smaller than the patch itself.
+    """
+    patch = np.asarray(patch_size, dtype=float)
+    dims = len(patch)
+    extent = patch.copy()
+    if dims == 2:
+        for angle in np.linspace(0.0, float(max_angles[0]), 19):
+            c, s = abs(math.cos(angle)), abs(math.sin(angle))
+            extent = np.maximum(extent, [c * patch[0] + s * patch[1], s * patch[0] + c * patch[1]])
+    else:
+        corners = np.array([[sz, sy, sx] for sz in (-1, 1) for sy in (-1, 1) for sx in (-1, 1)]) * patch / 2
+        for axis in range(3):
+            for angle in np.linspace(0.0, float(max_angles[axis]), 7):
+                rotated = corners @ _rotation_matrix(axis, angle).T
+                extent = np.maximum(extent, rotated.max(0) - rotated.min(0))
+    extent = extent / min_scale
+    return tuple(int(math.ceil(e - 1e-6)) for e in extent)
+
+
+def downsample_label(label: np.ndarray, scale: Sequence[float]) -> np.ndarray:
+    """Nearest-neighbour downsampling of ``label [B, 1, *S]`` by ``scale`` per spatial axis (e.g. 0.5).
+
+    Output shape ``[B, 1, *round(S * scale)]``; output voxel i takes input voxel ``floor((i + 0.5) / scale)``
+    (the input voxel whose centre is nearest the output voxel's centre).
+    """
+    out = label
+    for axis, factor in enumerate(scale):
+        if factor == 1:
+            continue
+        size = label.shape[axis + 2]
+        new_size = max(1, int(round(size * factor)))
+        index = np.minimum(((np.arange(new_size) + 0.5) * (size / new_size)).astype(np.int64), size - 1)
+        out = np.take(out, index, axis=axis + 2)
+    return np.ascontiguousarray(out)
+
+
+def deep_supervision_targets(label: np.ndarray, scales: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    """One target per network output: ``label [B, 1, *S]`` at each of ``scales`` (highest resolution first)."""
+    return [downsample_label(label, s) for s in scales]
+
+
+def forced_foreground(sample_index: int, batch_size: int, fraction: float = FOREGROUND_OVERSAMPLING) -> bool:
+    """Whether sample ``sample_index`` of a batch must be centred on foreground (the last ``round(f*B)``)."""
+    return not sample_index < round(batch_size * (1.0 - fraction))
+
+
+@dataclass
+class _Case:
+    case_id: str
+    properties: CaseProperties
+    shape: tuple[int, int, int]  # stored Z, Y, X
+    foreground: dict[str, np.ndarray]  # label -> [N, 3] locations (only non-empty classes)
+
+
+class PatchSampler:
+    """Draws batches ``{"data": float32 [B, C, *sample], "seg": float32 [B, 1, *sample]}`` from the store.
+
+    ``sample_size`` is the (enlarged) size to read, in network axes (2 or 3 entries); ``dims`` 2 samples
+    single slices. Arrays are opened lazily per process (safe with fork and spawn workers).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        case_ids: Sequence[str],
+        sample_size: Sequence[int],
+        batch_size: int,
+        dims: int,
+        oversample_foreground: float = FOREGROUND_OVERSAMPLING,
+    ) -> None:
+        if not case_ids:
+            raise ValueError("PatchSampler needs at least one case")
+        self.folder = Path(folder)
+        self.case_ids = list(case_ids)
+        self.sample_size = tuple(int(s) for s in sample_size)
+        self.batch_size = int(batch_size)
+        self.dims = int(dims)
+        self.oversample_foreground = oversample_foreground
+        self.cases = [self._describe(c) for c in self.case_ids]
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _describe(self, case_id: str) -> _Case:
+        properties = load_properties(self.folder, case_id)
+        foreground = {
+            label: np.asarray(locations, dtype=np.int64).reshape(-1, 3)
+            for label, locations in properties.class_locations.items()
+            if locations and int(label) > 0
+        }
+        return _Case(case_id, properties, tuple(int(s) for s in properties.shape_after_resampling), foreground)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = {}  # memory maps are reopened in each worker
+        return state
+
+    def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if case_id not in self._arrays:
+            data = np.load(image_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
+            seg = np.load(label_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
+            self._arrays[case_id] = (data, seg)
+        return self._arrays[case_id]
+
+    def _bounds(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Lowest and highest patch start per axis: a patch may hang over the border by half the padding
+        the image needs to reach the patch size (the reference's rule), so small images are centred."""
+        low, high = [], []
+        for size, patch in zip(shape, self.sample_size):
+            need = max(0, patch - size)
+            low.append(-(need // 2))
+            high.append(size + need // 2 + need % 2 - patch)
+        return low, high
+
+    def sample_patch(self, rng: np.random.Generator, force_foreground: bool) -> tuple[np.ndarray, np.ndarray, str]:
+        """One patch ``(data [C, *sample], seg [1, *sample], case_id)``; regions outside the image are 0."""
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        data, seg = self.arrays(case.case_id)
+        location = None
+        if force_foreground and case.foreground:
+            label = list(case.foreground)[int(rng.integers(len(case.foreground)))]
+            points = case.foreground[label]
+            location = points[int(rng.integers(len(points)))]
+        if self.dims == 2:
+            z = int(location[0]) if location is not None else int(rng.integers(case.shape[0]))
+            spatial_shape, centre = case.shape[1:], (location[1:] if location is not None else None)
+        else:
+            z, spatial_shape, centre = None, case.shape, location
+        low, high = self._bounds(spatial_shape)
+        if centre is not None:
+            start = [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.sample_size, low, high)]
+        else:
+            start = [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
+        return (*self._read(data, seg, z, spatial_shape, start), case.case_id)
+
+    def _read(self, data, seg, z, spatial_shape, start) -> tuple[np.ndarray, np.ndarray]:
+        """Read only the part of the patch inside the image from the memory map, zero-pad the rest."""
+        valid = tuple(slice(max(0, s), min(n, s + p)) for s, n, p in zip(start, spatial_shape, self.sample_size))
+        pad = [(v.start - s, s + p - v.stop) for v, s, p in zip(valid, start, self.sample_size)]
+        prefix = (slice(None),) if z is None else (slice(None), z)
+        image = np.asarray(data[prefix + valid], dtype=np.float32)
+        label = np.asarray(seg[prefix + valid], dtype=np.float32)
+        image = np.pad(image, [(0, 0), *pad])
+        label = np.pad(label, [(0, 0), *pad])
+        return image, np.maximum(label, 0)  # -1 (outside the nonzero mask) trains as background
+
+    def sample_batch(self, rng: np.random.Generator, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """``{"data": [B, C, *sample], "seg": [B, 1, *sample], "keys": case ids}`` with foreground
+        oversampling of the last samples."""
+        batch_size = batch_size or self.batch_size
+        images, labels, keys = [], [], []
+        for index in range(batch_size):
+            image, label, case_id = self.sample_patch(rng, forced_foreground(index, batch_size, self.oversample_foreground))
+            images.append(image)
+            labels.append(label)
+            keys.append(case_id)
+        return {"data": np.stack(images), "seg": np.stack(labels), "keys": keys}

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from autoseg.training.augmentation import augmentation_settings, sample_size_for, training_transforms
+from autoseg.training.data import PatchSampler, downsample_label, enlarged_patch_size, forced_foreground
+from autoseg.training.loader import BatchLoader
+
+from .tiny_data import DATASET
+
+
+def test_enlarged_patch_size_by_hand():
+    # 2D, rotation up to 45 degrees: extent = (a + b) / sqrt(2), then divided by the 0.85 scale
+    assert enlarged_patch_size((20, 20), (np.pi / 4,), min_scale=1.0) == (29, 29)
+    assert enlarged_patch_size((20, 40), (0.0,), min_scale=0.5) == (40, 80)
+    # 3D with no rotation is only scaled
+    assert enlarged_patch_size((8, 16, 16), (0.0, 0.0, 0.0), min_scale=0.8) == (10, 20, 20)
+    # dummy 2D keeps the first axis
+    settings = augmentation_settings((4, 64, 64))
+    assert settings.dummy_2d and sample_size_for((4, 64, 64), settings)[0] == 4
+    assert not augmentation_settings((16, 32, 32)).dummy_2d
+
+
+def test_downsample_label_nearest():
+    label = np.arange(16).reshape(1, 1, 4, 4)
+    half = downsample_label(label, (0.5, 0.5))
+    assert half.shape == (1, 1, 2, 2)
+    assert half[0, 0].tolist() == [[5, 7], [13, 15]]  # centre of each 2x2 block rounds to its lower-right voxel
+    assert downsample_label(label, (1.0, 0.5)).shape == (1, 1, 4, 2)
+
+
+def test_forced_foreground_rule():
+    assert [forced_foreground(i, 2) for i in range(2)] == [False, True]
+    assert sum(forced_foreground(i, 12) for i in range(12)) == 4
+
+
+def test_sampler_reads_region_and_oversamples_foreground(tiny3d):
+    folder = tiny3d / "preprocessed" / DATASET / "3d_fullres"
+    sampler = PatchSampler(folder, ["case_000", "case_001"], (12, 20, 20), batch_size=3, dims=3,
+                           oversample_foreground=1.0)
+    rng = np.random.default_rng(0)
+    batch = sampler.sample_batch(rng)
+    assert batch["data"].shape == (3, 1, 12, 20, 20) and batch["seg"].shape == (3, 1, 12, 20, 20)
+    # every patch is centred on foreground: its centre voxel region contains a label > 0
+    for seg in batch["seg"]:
+        assert (seg[0, 4:8, 8:12, 8:12] > 0).any()
+    # a patch equals the stored array at the same place (read via memmap, no shift)
+    data, label = sampler.arrays("case_000")
+    image, patch_label, _ = sampler.sample_patch(np.random.default_rng(5), force_foreground=False)
+    big = PatchSampler(folder, ["case_000"], (40, 60, 60), 1, 3)  # larger than the image: zero padded
+    padded, padded_label, _ = big.sample_patch(np.random.default_rng(1), False)
+    z, y, x = label.shape[1:]
+    assert padded.shape == (1, 40, 60, 60)
+    nz = np.argwhere(padded_label[0] > 0)
+    assert padded_label.sum() == np.maximum(np.asarray(label), 0).sum()  # the whole image is inside
+    assert (padded[0] != 0).sum() == (np.asarray(data)[0] != 0).sum()
+    assert nz.size
+
+
+def test_sampler_2d_slices_from_4d_store(tiny3d):
+    folder = tiny3d / "preprocessed" / DATASET / "3d_fullres"
+    sampler = PatchSampler(folder, ["case_002"], (24, 24), batch_size=2, dims=2)
+    batch = sampler.sample_batch(np.random.default_rng(0))
+    assert batch["data"].shape == (2, 1, 24, 24)
+
+
+@pytest.mark.parametrize("patch", [(24, 24), (12, 16, 16), (4, 24, 24)])
+def test_augmentation_keeps_image_and_label_aligned(patch):
+    rng = np.random.default_rng(0)
+    np.random.seed(0)
+    dims = len(patch)
+    settings = augmentation_settings(patch)
+    size = sample_size_for(patch, settings)
+    # the image *is* the label (as float): after any spatial transform they must still coincide
+    seg = np.zeros((2, 1, *size), np.float32)
+    centre = tuple(slice(s // 2 - max(1, s // 5), s // 2 + max(1, s // 5)) for s in size)
+    seg[(slice(None), 0) + centre] = 1
+    seg[(0, 0) + tuple(slice(s // 2, s // 2 + 2) for s in size)] = 2
+    transforms = training_transforms(patch, settings, [(1.0,) * dims, (0.5,) * dims], intensity=False,
+                                     spatial_probability=1.0)
+    out = transforms(data=seg.copy() * 10.0, seg=seg.copy())
+    assert out["data"].shape == (2, 1, *patch)
+    target = out["target"][0]
+    assert target.shape == (2, 1, *patch) and out["target"][1].shape == (2, 1, *[p // 2 for p in patch])
+    from_image = np.clip(np.rint(out["data"] / 10.0), 0, 2)
+    agreement = (from_image == target).mean()
+    assert agreement > 0.97, agreement
+    assert (target == 1).sum() > 0
+
+
+def test_loader_in_process_is_deterministic_and_workers_run(tiny2d):
+    folder = tiny2d / "preprocessed" / DATASET / "2d"
+    settings = augmentation_settings((32, 32))
+    sampler = PatchSampler(folder, ["case_000", "case_001", "case_002"], sample_size_for((32, 32), settings), 2, 2)
+    transforms = training_transforms((32, 32), settings, [(1.0, 1.0), (0.5, 0.5)])
+    batches = []
+    for _ in range(2):
+        np.random.seed(1)
+        loader = BatchLoader(sampler, transforms, num_workers=0)
+        loader.reseed(np.random.default_rng(7))
+        batches.append(next(loader))
+    assert batches[0]["data"].shape == (2, 1, 32, 32)
+    assert np.array_equal(batches[0]["data"].numpy(), batches[1]["data"].numpy())
+    loader = BatchLoader(sampler, transforms, num_workers=2, seed=3)
+    batch = next(loader)
+    assert batch["data"].shape == (2, 1, 32, 32) and batch["target"][1].shape == (2, 1, 16, 16)
+    loader.close()
