@@ -199,6 +199,28 @@ def non_integer_values(values: np.ndarray, limit: int = 5) -> list[float]:
     return [float(v) for v in np.unique(bad)[:limit]]
 
 
+def count_non_finite(array: np.ndarray) -> tuple[int, int]:
+    """``(number of NaN, number of +-Inf)`` values in ``array`` (any shape)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0, 0
+    n_nan = int(np.isnan(array).sum())
+    return n_nan, int(np.isinf(array).sum())
+
+
+def _nifti_non_finite(path: Path) -> tuple[int, int] | None:
+    """NaN/Inf counts of a float NIfTI file as stored. ITK's NIfTI reader silently turns NaN and Inf into 0,
+    so the array autoseg reads cannot show them; nibabel reads the stored values. None if nibabel cannot."""
+    try:
+        import nibabel
+
+        image = nibabel.load(str(path))
+        if not np.issubdtype(image.get_data_dtype(), np.floating):
+            return 0, 0  # integer storage holds no NaN (a scale factor cannot create one from finite values)
+        return count_non_finite(np.asanyarray(image.dataobj))
+    except Exception:  # noqa: BLE001 - a file nibabel cannot parse was already judged by the ITK reader
+        return None
+
+
 def _fmt(values: Iterable[float]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
@@ -293,13 +315,14 @@ def _check_case(task: _CaseTask) -> _CaseResult:
             continue
         components = array.shape[0]
         identical = components > 1 and all(np.array_equal(array[0], array[c]) for c in range(1, components))
-        finite = np.isfinite(array)
-        if not finite.all():
-            n_nan = int(np.isnan(array).sum())
-            n_inf = int((~finite).sum()) - n_nan
+        n_nan, n_inf = count_non_finite(array)
+        if file_ending(rel) in (".nii", ".nii.gz"):
+            n_nan, n_inf = _nifti_non_finite(root / rel) or (n_nan, n_inf)
+        if n_nan or n_inf:
             problems.append(Problem(rel, "finite intensities in every voxel", f"{n_nan} NaN and {n_inf} Inf voxels",
-                                    "replace them (e.g. with the image minimum) before training", check="NaN/Inf in image"))
-        del array, finite
+                                    "replace them (e.g. with the image minimum) and save the file again",
+                                    check="NaN/Inf in image"))
+        del array
         bad_spacing = spacing_problem(geometry.spacing)
         if bad_spacing:
             problems.append(Problem(rel, "voxel spacing > 0 mm along every axis", bad_spacing,
@@ -310,8 +333,9 @@ def _check_case(task: _CaseTask) -> _CaseResult:
                 problems.append(_colour_problem(rel, components, spec, len(task.channel_files) > 1, identical))
         readable.append((rel, geometry, components))
 
-    # Channel files against channel_names (a colour _0000 file may stand for all declared channels).
-    single_colour = (present == [0] and readable and readable[0][2] == spec.num_channels)
+    # Channel files against channel_names. A single colour _0000 file stands for all declared channels; when its
+    # colour count disagrees, the colour-channel problem above already explains it.
+    single_colour = bool(present == [0] and readable and readable[0][2] > 1)
     if not single_colour:
         natural_hint = ""
         if present == [0] and spec.num_channels > 1 and readable and readable[0][2] == 1 and \
