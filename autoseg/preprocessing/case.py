@@ -1,0 +1,244 @@
+"""One case through preprocessing and back: the same code path for training cases and for a new image at
+prediction time.
+
+Forward (:func:`preprocess_case`), in the reference's order (reference/nnunet.md "Preprocessing order"):
+crop to the nonzero box of all channels -> normalise each channel (before resampling, so the statistics come
+from the original voxels) -> resample to the configuration's target spacing -> sample voxel locations per
+class for foreground oversampling.
+
+Labels outside the nonzero mask (inside the crop box) are kept as they are. The reference marks background
+there as -1 and then treats -1 as background during training; keeping the label is simpler, lets labels stay
+valid class indices everywhere, and trains the same.
+
+Inverse (:func:`restore_probabilities`, :func:`restore_segmentation`): resample back to the cropped shape
+with the same separate-axis rule, un-crop (background outside the box) and drop the dummy Z of 2D images.
+The output lies on the original grid; its geometry is ``properties.geometry`` (origin and direction are
+never touched, so nothing is ever reoriented).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from autoseg.errors import ConfigurationError, DatasetError
+from autoseg.io import Geometry
+from autoseg.planning.plans import Configuration, Plans
+from autoseg.preprocessing.cropping import bounding_box, crop_to_box, nonzero_mask, uncrop
+from autoseg.preprocessing.normalization import normalize_channel
+from autoseg.preprocessing.resampling import (
+    choose_separate_axis,
+    compute_new_shape,
+    resample_channels,
+    resample_labels,
+)
+from autoseg.preprocessing.store import CaseProperties
+
+# Placeholder spacing of the dummy Z axis of 2D images (the reference's natural-image reader uses 999 too):
+# far coarser than any in-plane spacing, so it is always "the" separate axis and never resampled.
+DUMMY_Z_SPACING = 999.0
+# Foreground oversampling: about 10,000 locations per class, but at least 1 % of the class' voxels
+# (reference/nnunet.md "Preprocessing order").
+CLASS_LOCATION_SAMPLES = 10_000
+CLASS_LOCATION_MIN_FRACTION = 0.01
+CLASS_LOCATION_SEED = 1234  # fixed: the same case gives the same stored locations, byte for byte
+
+
+def _as_3d_spacing(geometry: Geometry) -> list[float]:
+    if geometry.dims == 2:
+        return [DUMMY_Z_SPACING, *map(float, geometry.spacing)]
+    return [float(s) for s in geometry.spacing]
+
+
+def full_target_spacing(configuration: Configuration, original_spacing: Sequence[float], image_dims: int) -> list[float]:
+    """The 3-entry target spacing of a case: 2D configurations and 2D images keep their own Z spacing
+    (``original_spacing[0]``); only the in-plane axes go to the configuration's target spacing."""
+    target = [float(t) for t in configuration.target_spacing]
+    if configuration.dims == 2 or image_dims == 2:
+        return [float(original_spacing[0]), *target[-2:]]
+    if len(target) != 3:
+        raise ConfigurationError(
+            f"plans.json: configuration {configuration.name} is 3D but has target spacing {target} "
+            "(expected 3 entries); re-run `autoseg plan`"
+        )
+    return target
+
+
+def _separate_axis(configuration: Configuration, original_spacing: Sequence[float], target_spacing: Sequence[float],
+                   image_dims: int) -> int | None:
+    """2D work (2D configurations, 2D images) is always slice by slice across Z; 3D follows the plan's rule."""
+    if configuration.dims == 2 or image_dims == 2:
+        return 0
+    resampling = configuration.resampling
+    return choose_separate_axis(original_spacing, target_spacing, resampling.separate_z, resampling.anisotropy_threshold)
+
+
+def sample_class_locations(
+    label: np.ndarray,
+    classes: Sequence[int],
+    num_samples: int = CLASS_LOCATION_SAMPLES,
+    min_fraction: float = CLASS_LOCATION_MIN_FRACTION,
+    seed: int = CLASS_LOCATION_SEED,
+) -> dict[str, list[list[int]]]:
+    """Up to ``num_samples`` voxel indices ``[z, y, x]`` per class of ``label`` (``[Z, Y, X]``), at least
+    ``min_fraction`` of the class' voxels, drawn without replacement with a fixed seed and sorted.
+    Keys are the class values as strings; classes absent from the label get an empty list."""
+    rng = np.random.default_rng(seed)
+    locations: dict[str, list[list[int]]] = {}
+    for value in classes:
+        flat = np.flatnonzero(label == value)
+        if flat.size == 0:
+            locations[str(int(value))] = []
+            continue
+        count = max(min(num_samples, flat.size), int(math.ceil(flat.size * min_fraction)))
+        chosen = np.sort(rng.choice(flat, size=count, replace=False))
+        locations[str(int(value))] = np.stack(np.unravel_index(chosen, label.shape), axis=1).tolist()
+    return locations
+
+
+def preprocess_case(
+    image: np.ndarray,
+    geometry: Geometry,
+    plans: Plans,
+    configuration: Configuration,
+    label: np.ndarray | None = None,
+    case_id: str = "",
+) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    """Crop, normalise and resample one case.
+
+    ``image``: float ``[C, (Z,) Y, X]`` as from ``autoseg.io.read_image``; ``label``: integer ``[(Z,) Y, X]``
+    (or with a leading channel of 1) or None at prediction time. Returns ``(data float32 [C, Z, Y, X],
+    label int8 [1, Z, Y, X] or None, CaseProperties)``; 2D images get Z = 1.
+    """
+    name = case_id or "image"
+    if image.ndim != geometry.dims + 1 or tuple(image.shape[1:]) != tuple(geometry.shape):
+        raise DatasetError(
+            f"{name}: image array {image.shape} does not match its geometry shape {geometry.shape} "
+            "(expected [C, *shape]); read images with autoseg.io.read_image"
+        )
+    if image.shape[0] != plans.num_channels:
+        raise DatasetError(
+            f"{name}: has {image.shape[0]} channel(s) but the plan expects {plans.num_channels} "
+            f"({', '.join(plans.channel_names.values())}); give one file per channel (_0000, _0001, ...)"
+        )
+    if label is not None:
+        if label.ndim == image.ndim:
+            label = label[0]
+        if tuple(label.shape) != tuple(geometry.shape):
+            raise DatasetError(
+                f"{name}: label shape {label.shape} differs from image shape {geometry.shape}; "
+                "image and label must share one grid"
+            )
+        if label.size and (label.min() < 0 or label.max() > 127):
+            raise DatasetError(
+                f"{name}: label values range {label.min()}..{label.max()}; expected 0..127 "
+                "(consecutive integers declared in dataset.json)"
+            )
+
+    # crop (mask in the image's own dimensionality, see nonzero_mask), then lift 2D to [C, 1, Y, X]
+    mask = nonzero_mask(image)
+    box = bounding_box(mask)
+    cropped = crop_to_box(image, box)
+    mask = crop_to_box(mask, box)
+    cropped_label = crop_to_box(label, box) if label is not None else None
+    if geometry.dims == 2:
+        box = [[0, 1], *box]
+        cropped, mask = cropped[:, None], mask[None]
+        cropped_label = cropped_label[None] if cropped_label is not None else None
+    original_spacing = _as_3d_spacing(geometry)
+    shape_before_crop = [1, *geometry.shape] if geometry.dims == 2 else list(geometry.shape)
+    shape_after_crop = list(cropped.shape[1:])
+
+    normalized = np.empty(cropped.shape, dtype=np.float32)
+    for channel in range(cropped.shape[0]):
+        use_mask = bool(configuration.use_mask_for_norm[channel]) if configuration.use_mask_for_norm else False
+        stats = plans.intensity_stats.get(str(channel))
+        normalized[channel] = normalize_channel(
+            cropped[channel], configuration.normalization[channel], mask if use_mask else None, stats
+        )
+    del cropped
+
+    target_spacing = full_target_spacing(configuration, original_spacing, geometry.dims)
+    new_shape = compute_new_shape(shape_after_crop, original_spacing, target_spacing)
+    axis = _separate_axis(configuration, original_spacing, target_spacing, geometry.dims)
+    resampling = configuration.resampling
+    data = resample_channels(normalized, new_shape, resampling.order_image, axis, resampling.order_z)
+    del normalized
+
+    stored_label = None
+    locations: dict[str, list[list[int]]] = {}
+    if cropped_label is not None:
+        resampled_label = resample_labels(
+            cropped_label.astype(np.int8), new_shape, resampling.order_label, axis, resampling.order_z
+        )
+        foreground = sorted(v for v in plans.labels.values() if v != 0)
+        locations = sample_class_locations(resampled_label, foreground)
+        stored_label = resampled_label[None]
+
+    properties = CaseProperties(
+        case_id=case_id,
+        geometry=geometry,
+        original_spacing=original_spacing,
+        shape_before_crop=shape_before_crop,
+        bbox=[list(map(int, b)) for b in box],
+        shape_after_crop=shape_after_crop,
+        spacing_after_resampling=target_spacing,
+        shape_after_resampling=list(new_shape),
+        class_locations=locations,
+    )
+    return data, stored_label, properties
+
+
+def _restore_axis(properties: CaseProperties, configuration: Configuration) -> int | None:
+    return _separate_axis(
+        configuration, properties.original_spacing, properties.spacing_after_resampling, properties.geometry.dims
+    )
+
+
+def _check_preprocessed_shape(array_shape: Sequence[int], properties: CaseProperties, what: str) -> None:
+    if list(array_shape) != list(properties.shape_after_resampling):
+        raise ValueError(
+            f"{properties.case_id or 'case'}: {what} shape {tuple(array_shape)} differs from the preprocessed "
+            f"shape {tuple(properties.shape_after_resampling)}"
+        )
+
+
+def restore_probabilities(
+    probabilities: np.ndarray, properties: CaseProperties, configuration: Configuration
+) -> np.ndarray:
+    """Probabilities ``[K, Z, Y, X]`` in preprocessed space -> float32 ``[K, *properties.geometry.shape]`` on
+    the original grid: resampled with ``order_probabilities`` (and ``order_z`` on the separate axis), then
+    un-cropped with background (class 0) probability 1 outside the box."""
+    _check_preprocessed_shape(probabilities.shape[1:], properties, "probabilities")
+    resampling = configuration.resampling
+    resampled = resample_channels(
+        probabilities,
+        properties.shape_after_crop,
+        resampling.order_probabilities,
+        _restore_axis(properties, configuration),
+        resampling.order_z,
+    )
+    fill = np.zeros(probabilities.shape[0], dtype=np.float32)
+    fill[0] = 1.0
+    full = uncrop(resampled, properties.bbox, properties.shape_before_crop, fill)
+    return full.reshape((probabilities.shape[0], *properties.geometry.shape))
+
+
+def restore_segmentation(segmentation: np.ndarray, properties: CaseProperties, configuration: Configuration) -> np.ndarray:
+    """Label map ``[Z, Y, X]`` (or ``[1, Z, Y, X]``) in preprocessed space -> ``[*properties.geometry.shape]``
+    on the original grid (one-hot resampling with ``order_label``, background outside the crop box).
+    Keeps the input's integer dtype."""
+    if segmentation.ndim == 4:
+        segmentation = segmentation[0]
+    _check_preprocessed_shape(segmentation.shape, properties, "segmentation")
+    resampling = configuration.resampling
+    resampled = resample_labels(
+        segmentation,
+        properties.shape_after_crop,
+        resampling.order_label,
+        _restore_axis(properties, configuration),
+        resampling.order_z,
+    )
+    full = uncrop(resampled, properties.bbox, properties.shape_before_crop, 0)
+    return full.reshape(properties.geometry.shape)
