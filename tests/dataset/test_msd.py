@@ -141,3 +141,13 @@ def test_msd_json_translation() -> None:
     assert converted["labels"] == {"bg": 0, "a": 1, "b": 2} and converted["numTraining"] == 5
     with pytest.raises(DatasetError, match="'modality'"):
         msd_to_dataset_json({"labels": {"0": "bg"}}, 1, "dataset.json")
+
+
+def test_dataset_templates_are_valid() -> None:
+    from autoseg.dataset import parse_dataset_spec
+
+    templates = Path(__file__).resolve().parents[2] / "dataset_templates"
+    channels = {}
+    for path in sorted(templates.glob("*.json")):
+        channels[path.stem] = parse_dataset_spec(json.loads(path.read_text()), str(path)).num_channels
+    assert channels == {"ct_single_channel": 1, "mri_multi_channel": 4, "natural_image_rgb_2d": 3}
