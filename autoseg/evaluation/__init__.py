@@ -1,20 +1,12 @@
 """Evaluation: metrics, `autoseg evaluate`, postprocessing decisions, `autoseg find-best` and its report.
 
-``evaluate_folders`` is imported eagerly (light: numpy, scipy); ``find_best`` lazily, because it pulls in
-matplotlib for the report.
+``find_best`` is imported eagerly although it is a submodule's name too: a lazy attribute would be shadowed
+by the submodule object as soon as anything imports ``autoseg.evaluation.find_best``. It is light anyway;
+matplotlib is only imported when a report is drawn.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_folders, format_table
+from autoseg.evaluation.find_best import FindBestResult, find_best
 
-__all__ = ["EvaluationSummary", "evaluate_folders", "find_best", "format_table"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "find_best":
-        from autoseg.evaluation.find_best import find_best
-
-        return find_best
-    raise AttributeError(f"module 'autoseg.evaluation' has no attribute {name!r}")
+__all__ = ["EvaluationSummary", "FindBestResult", "evaluate_folders", "find_best", "format_table"]

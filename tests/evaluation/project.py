@@ -27,7 +27,8 @@ def noisy_probabilities(label: np.ndarray, noise: float, seed: int, blob: bool) 
     rng = np.random.default_rng(seed)
     logits = np.stack([(label == k).astype(np.float32) * 4.0 for k in range(NUM_CLASSES)])
     for k in range(NUM_CLASSES):
-        logits[k] += gaussian_filter(rng.normal(0, noise, label.shape), 1.0) * 3.0
+        smooth = gaussian_filter(rng.normal(0, 1, label.shape), 1.0)
+        logits[k] += smooth / smooth.std() * noise * 4.0  # noise 0.5: std half the one-hot logit gap
     if blob:
         logits[1, :3, :3, :3] = 20.0
     exp = np.exp(logits - logits.max(axis=0, keepdims=True))
