@@ -74,6 +74,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from autoseg.preprocessing import preprocess_dataset
 
     report = preprocess_dataset(args.dataset, configurations=args.configs, root=args.root, num_workers=args.num_workers)
+    print(report.format())
+    if not report.ok:
+        print("fix or remove the failed case(s), then rerun the same command: complete cases are skipped")
     return 0 if report.ok else 1
 
 
