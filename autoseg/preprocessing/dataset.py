@@ -76,6 +76,11 @@ def process_one(task: _Task) -> tuple[str, str | None]:
     try:
         plans = _plans_for(task.plans_file)
         configuration = plans.configuration(task.configuration)
+        if not task.image_files:
+            raise DatasetError(
+                f"{task.label_file}: has no image files <case>_0000{plans.file_ending} in imagesTr; "
+                "add the case's images or remove its label"
+            )
         image, geometry = read_image(list(task.image_files))
         label = None
         if task.label_file is not None:
