@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from autoseg.errors import AutosegError, DatasetError, ImageReadError
+from autoseg.evaluation.parallel import run_all
 from autoseg.fileio import read_json, write_json
 from autoseg.io import SUPPORTED_ENDINGS, file_ending as ending_of, read_segmentation
 
@@ -224,19 +222,7 @@ def evaluate_pairs(
         raise AutosegError(f"NSD tolerance must be a finite number of mm >= 0, found {tolerance_mm}")
     jobs = [(cid, str(p), str(r), None if labels is None else [int(v) for v in labels], float(tolerance_mm))
             for cid, p, r in sorted(pairs, key=lambda t: t[0])]
-    records: list[dict[str, Any]] = []
-    progress = tqdm(total=len(jobs), desc=description, unit="case", disable=len(jobs) < 2, leave=False)
-    if num_workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=context) as pool:
-            for record in pool.map(_evaluate_case, jobs, chunksize=max(1, len(jobs) // (8 * num_workers))):
-                records.append(record)
-                progress.update()
-    else:
-        for job in jobs:
-            records.append(_evaluate_case(job))
-            progress.update()
-    progress.close()
+    records: list[dict[str, Any]] = run_all(_evaluate_case, jobs, num_workers, description)
 
     if labels is None:
         found = sorted({int(k) for record in records for k in record["metrics"]})

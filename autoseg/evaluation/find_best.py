@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from autoseg.dataset import load_dataset_spec
 from autoseg.errors import ConfigurationError, DatasetError, ImageReadError
 from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_pairs
+from autoseg.evaluation.parallel import run_all
 from autoseg.evaluation.postprocessing import PostprocessingRules, decide_postprocessing, save_postprocessing
 from autoseg.fileio import read_json, write_json
 from autoseg.io import read_segmentation, write_segmentation
@@ -197,14 +195,7 @@ def build_ensemble(
         for c in cases
     ]
     output.mkdir(parents=True, exist_ok=True)
-    description = f"ensemble {first.name} + {second.name}"
-    if num_workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=context) as pool:
-            list(tqdm(pool.map(_ensemble_case, jobs), total=len(jobs), desc=description, unit="case", leave=False))
-    else:
-        for job in tqdm(jobs, desc=description, unit="case", leave=False, disable=len(jobs) < 2):
-            _ensemble_case(job)
+    run_all(_ensemble_case, jobs, num_workers, f"ensemble {first.name} + {second.name}")
     return Candidate(
         f"{first.name} + {second.name}",
         (first.name, second.name),

@@ -14,18 +14,16 @@ only objects that are truly separate.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import cc3d
 import numpy as np
-from tqdm import tqdm
 
 from autoseg.errors import ConfigurationError
+from autoseg.evaluation.parallel import run_all
 from autoseg.fileio import read_json, write_json
 from autoseg.io import read_segmentation
 
@@ -215,22 +213,11 @@ def decide_postprocessing(
     """Decide largest-component rules on cross-validation predictions.
 
     ``pairs``: ``(prediction_file, reference_file)`` per case (label maps in the same grid); ``labels``: the
-    foreground labels. Cases are read in ``num_workers`` spawned processes.
+    foreground labels. Cases are read in ``num_workers`` processes.
     """
     labels = [int(v) for v in labels if int(v) != 0]
     jobs = [(str(p), str(r), labels) for p, r in pairs]
-    results: list[dict[str, dict[int, float]]] = []
-    with tqdm(total=len(jobs), desc="postprocessing", unit="case", disable=len(jobs) < 2, leave=False) as bar:
-        if num_workers > 1 and len(jobs) > 1:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=context) as pool:
-                for result in pool.map(_candidate_dice_job, jobs):
-                    results.append(result)
-                    bar.update()
-        else:
-            for job in jobs:
-                results.append(_candidate_dice_job(job))
-                bar.update()
+    results = run_all(_candidate_dice_job, jobs, num_workers, "postprocessing")
     rules = choose_rules(results, labels)
     log.info("postprocessing decided on %d cases: %s", len(results), rules.describe())
     return rules
