@@ -1,0 +1,305 @@
+"""`autoseg predict`: segment a folder of images (or one file) with trained folds.
+
+Pipeline per run: find the cases in the input; load the model once; then, while the network predicts case
+``i``, a small thread pool reads and preprocesses case ``i + 1`` (and the next ones, up to ``num_workers``
+ahead) and restores + writes case ``i - 1``. A case that cannot be read or does not fit the model is
+reported with its file and the reason and skipped; the others are still predicted. Every output file is
+written atomically, so an interrupted run never leaves a half-written segmentation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from autoseg.errors import AutosegError, ImageReadError, PredictionError
+from autoseg.inference.outputs import write_probabilities
+from autoseg.inference.predictor import DEFAULT_CHECKPOINT, Predictor, probabilities_to_segmentation
+from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_segmentation
+
+log = logging.getLogger(__name__)
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_LOOKS_LIKE_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.[^/]+$")
+POSTPROCESSING_FILE = "postprocessing.json"
+
+
+@dataclass
+class InputCase:
+    """One case to predict: its files in channel order and the ending its segmentation will have.
+    ``problem`` is set when the case cannot be predicted (reported, not raised)."""
+
+    case_id: str
+    files: tuple[Path, ...]
+    ending: str
+    problem: str | None = None
+
+
+@dataclass
+class PredictReport:
+    """Outcome of a prediction run. ``failures``: ``(case_id, one-line reason naming the file)``."""
+
+    ok: bool
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    seconds_per_case: dict[str, float] = field(default_factory=dict)
+
+    def format(self) -> str:
+        lines = [f"predicted {len(self.written)} case(s)" + (f", {len(self.failures)} failed:" if self.failures else "")]
+        lines += [f"  {case_id}: {reason}" for case_id, reason in self.failures]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- input cases
+def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
+    """Cases in a folder of ``<case>_<CCCC><ending>`` files, or the one case of a single file.
+
+    Files named like channel files but with an ending autoseg cannot read, and cases with gaps in their
+    channel numbers, become cases with a ``problem``. Other files (dataset.json, notes) are ignored.
+    """
+    path = Path(input_path)
+    if path.is_file():
+        ending = file_ending(path)
+        if ending is None:
+            return [InputCase(path.name, (path,), "", f"{path}: unknown file ending; expected one of "
+                              f"{', '.join(SUPPORTED_ENDINGS)}")]
+        stem = path.name[: -len(ending)]
+        match = _CHANNEL.match(stem)
+        return [InputCase(match.group("case") if match else stem, (path,), ending)]
+    if not path.is_dir():
+        raise PredictionError(f"{path}: input does not exist; pass a folder of <case>_0000<ending> images or one file")
+
+    groups: dict[str, dict[int, Path]] = {}
+    endings: dict[str, set[str]] = {}
+    problems: dict[str, str] = {}
+    for item in sorted(path.iterdir()):
+        if item.name.startswith(".") or not item.is_file():
+            continue
+        ending = file_ending(item)
+        if ending is None:
+            match = _LOOKS_LIKE_CHANNEL.match(item.name)
+            if match:
+                problems.setdefault(match.group("case"), f"{item}: unknown file ending; expected one of "
+                                    f"{', '.join(SUPPORTED_ENDINGS)}")
+            else:
+                log.debug("ignoring %s (not an image)", item)
+            continue
+        match = _CHANNEL.match(item.name[: -len(ending)])
+        if not match:
+            log.warning("ignoring %s: image names must end in _0000%s (channel index)", item, ending)
+            continue
+        case_id = match.group("case")
+        groups.setdefault(case_id, {})[int(match.group("channel"))] = item
+        endings.setdefault(case_id, set()).add(ending)
+
+    cases = []
+    for case_id in sorted(set(groups) | set(problems)):
+        channels = groups.get(case_id, {})
+        files = tuple(channels[c] for c in sorted(channels))
+        case_endings = sorted(endings.get(case_id, set()))
+        problem = problems.get(case_id)
+        if problem is None and len(case_endings) > 1:
+            problem = f"{files[0]}: channel files have different endings ({', '.join(case_endings)}); use one format"
+        if problem is None and sorted(channels) != list(range(len(channels))):
+            found = ", ".join(f"_{c:04d}" for c in sorted(channels))
+            problem = (f"{files[0]}: channel files must be numbered _0000, _0001, ... without gaps; found {found}")
+        cases.append(InputCase(case_id, files, case_endings[0] if case_endings else "", problem))
+    if not cases:
+        raise PredictionError(
+            f"{path}: no images named <case>_0000<ending> found (endings: {', '.join(SUPPORTED_ENDINGS)}); "
+            "name the files like the raw imagesTs/ folder"
+        )
+    return cases
+
+
+# ----------------------------------------------------------------------------------------- postprocessing
+def load_postprocessing_rules(model_folder: Path) -> Any | None:
+    """The rules find-best wrote for this model, or None when there are none (or the evaluation package
+    that applies them is not installed)."""
+    if not (model_folder / POSTPROCESSING_FILE).is_file():
+        return None
+    try:
+        from autoseg.evaluation.postprocessing import load_postprocessing
+    except ImportError:
+        log.warning("%s exists but autoseg.evaluation.postprocessing is not available; not applying it",
+                    model_folder / POSTPROCESSING_FILE)
+        return None
+    rules = load_postprocessing(model_folder)
+    log.info("applying postprocessing from %s", model_folder / POSTPROCESSING_FILE)
+    return rules
+
+
+def _apply_postprocessing(segmentation: np.ndarray, rules: Any) -> np.ndarray:
+    from autoseg.evaluation.postprocessing import apply_postprocessing
+
+    return apply_postprocessing(segmentation, rules)
+
+
+# ------------------------------------------------------------------------------------------- the stages
+@dataclass
+class _Loaded:
+    case: InputCase
+    geometry: Geometry
+    data: np.ndarray
+    properties: Any
+    seconds: float
+
+
+def _load(predictor: Predictor, case: InputCase) -> _Loaded:
+    """Read + check + preprocess one case (runs in a worker thread)."""
+    start = time.perf_counter()
+    if case.problem:
+        raise ImageReadError(case.problem)
+    image, geometry = read_image(case.files)
+    predictor.check_image(image, geometry, name=str(case.files[0]))
+    data, properties = predictor.preprocess(image, geometry, case_id=case.case_id)
+    return _Loaded(case, geometry, data, properties, time.perf_counter() - start)
+
+
+def _export(
+    predictor: Predictor,
+    loaded: _Loaded,
+    probabilities: np.ndarray,
+    output: Path,
+    save_probabilities: bool,
+    rules: Any | None,
+) -> tuple[Path, float]:
+    """Restore to the original grid and write (runs in a worker thread)."""
+    start = time.perf_counter()
+    restored = predictor.restore(probabilities, loaded.properties)
+    if tuple(restored.shape[1:]) != tuple(loaded.geometry.shape):
+        raise PredictionError(
+            f"{loaded.case.files[0]}: restored prediction has shape {restored.shape[1:]}, the image "
+            f"{loaded.geometry.shape}; this is a bug in preprocessing/restore, please report it"
+        )
+    segmentation = probabilities_to_segmentation(restored)
+    if rules is not None:
+        segmentation = _apply_postprocessing(segmentation, rules)
+    target = output / f"{loaded.case.case_id}{loaded.case.ending}"
+    if save_probabilities:
+        write_probabilities(output / f"{loaded.case.case_id}.npz", restored, loaded.geometry, loaded.case.ending)
+    write_segmentation(segmentation, loaded.geometry, target)
+    return target, time.perf_counter() - start
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, AutosegError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def predict(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    dataset: str | int,
+    configuration: str,
+    folds: Sequence[int | str] | None = None,
+    root: str | os.PathLike | None = None,
+    architecture: str | None = None,
+    step_size: float = 0.5,
+    mirror: bool = True,
+    save_probabilities: bool = False,
+    device: str = "auto",
+    num_workers: int = 2,
+    checkpoint: str = DEFAULT_CHECKPOINT,
+    postprocess: bool = True,
+    predictor: Predictor | None = None,
+) -> PredictReport:
+    """Predict every case of ``input`` into ``output`` (docs/prediction.md).
+
+    ``folds=None`` uses every trained fold. ``predictor``: an already loaded model (then ``dataset``,
+    ``configuration``, ``folds``, ``architecture``, ``checkpoint``, ``device``, ``step_size`` and ``mirror``
+    are taken from it). Returns a report; ``ok`` is False when any case failed.
+    """
+    cases = find_input_cases(input)
+    if predictor is None:
+        if folds is not None:
+            folds = [int(f) if str(f).isdigit() else str(f) for f in folds]
+        predictor = Predictor.from_folder(
+            dataset, configuration, folds=folds, root=root, architecture=architecture, checkpoint=checkpoint,
+            device=device, step_size=step_size, mirror=mirror,
+        )
+    rules = load_postprocessing_rules(predictor.sources[0].parent.parent) if postprocess and predictor.sources else None
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    report = PredictReport(ok=True)
+    workers = max(1, int(num_workers))
+    log.info("predicting %d case(s) from %s into %s (%d fold(s), %s, mirror %s, step %.2f)",
+             len(cases), input, output, len(predictor.networks), predictor.device, predictor.mirror,
+             predictor.step_size)
+
+    def fail(case: InputCase, exc: BaseException) -> None:
+        report.failures.append((case.case_id, _reason(exc)))
+        log.error("%s: %s", case.case_id, _reason(exc))
+        if not isinstance(exc, AutosegError):
+            log.debug("traceback of %s", case.case_id, exc_info=exc)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autoseg-predict") as pool:
+        pending_loads: deque[tuple[InputCase, Future]] = deque()
+        pending_writes: deque[tuple[InputCase, Future, float]] = deque()
+        queue = iter(cases)
+
+        def top_up() -> None:
+            # read ahead at most `workers` cases: bounded memory, network never waits for the disk
+            while len(pending_loads) < workers:
+                case = next(queue, None)
+                if case is None:
+                    return
+                pending_loads.append((case, pool.submit(_load, predictor, case)))
+
+        def collect_write(block: bool) -> None:
+            while pending_writes and (block or pending_writes[0][1].done()):
+                case, future, network_seconds = pending_writes.popleft()
+                try:
+                    target, write_seconds = future.result()
+                except Exception as exc:  # noqa: BLE001 - every failure is reported per case
+                    fail(case, exc)
+                    continue
+                report.written.append(target)
+                total = report.seconds_per_case.get(case.case_id, 0.0) + write_seconds
+                report.seconds_per_case[case.case_id] = total
+                log.info("%s: %.1f s (network %.1f s) -> %s", case.case_id, total, network_seconds, target.name)
+
+        top_up()
+        progress = tqdm(total=len(cases), desc="predict", unit="case")
+        try:
+            while pending_loads:
+                case, future = pending_loads.popleft()
+                try:
+                    loaded = future.result()
+                except Exception as exc:  # noqa: BLE001
+                    fail(case, exc)
+                    progress.update(1)
+                    top_up()
+                    continue
+                top_up()
+                start = time.perf_counter()
+                try:
+                    probabilities = predictor.predict_preprocessed(loaded.data)
+                except Exception as exc:  # noqa: BLE001
+                    fail(case, exc)
+                    progress.update(1)
+                    continue
+                network_seconds = time.perf_counter() - start
+                report.seconds_per_case[case.case_id] = loaded.seconds + network_seconds
+                pending_writes.append((case, pool.submit(
+                    _export, predictor, loaded, probabilities, output, save_probabilities, rules), network_seconds))
+                # at most `workers` restored volumes in flight: memory stays bounded on big CT scans
+                if len(pending_writes) > workers:
+                    pending_writes[0][1].exception()  # waits for the oldest write without raising
+                collect_write(block=False)
+                progress.update(1)
+            collect_write(block=True)
+        finally:
+            progress.close()
+    report.ok = not report.failures
+    return report

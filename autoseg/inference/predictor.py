@@ -1,0 +1,385 @@
+"""Load a trained model once, predict many images: the Python API behind `autoseg predict`.
+
+A :class:`Predictor` holds one network per fold (built once, eval mode, on the chosen device), the plans and
+the configuration they were trained with (taken from the checkpoint metadata, so a results folder is
+self-contained). ``predict_preprocessed`` runs the sliding window per fold and averages the softmax over
+folds; ``predict_array``/``predict_files`` add preprocessing and the mapping back onto the original grid.
+
+Example::
+
+    from autoseg.inference import Predictor
+    predictor = Predictor.from_folder("Hippocampus", "3d_fullres", folds=[0, 1])
+    segmentation, probabilities, geometry = predictor.predict_files(["case_0000.nii.gz"])
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoseg.device import amp_dtype, choose_device
+from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
+from autoseg.inference.sliding_window import sliding_window_predict
+from autoseg.io import Geometry, read_image
+from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "autoseg-checkpoint"
+DEFAULT_CHECKPOINT = "checkpoint_final.pt"
+# windows per forward pass: 2 keeps the activation memory at the training batch's order of magnitude while
+# amortising per-call overhead on GPUs (nnU-Net predicts one window at a time)
+DEFAULT_WINDOW_BATCH = 2
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate an autoseg checkpoint (the training package's loader when it is installed)."""
+    try:
+        from autoseg.training.checkpoint import load_checkpoint
+    except ImportError:  # training package not there: same validation, kept minimal
+        return _load_checkpoint_fallback(Path(path))
+    return load_checkpoint(path, map_location="cpu")
+
+
+def _load_checkpoint_fallback(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train this fold first (`autoseg train`)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: expected an autoseg checkpoint readable with torch.load(weights_only=True), found a "
+            f"corrupted or foreign file ({type(exc).__name__}); retrain this fold"
+        ) from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: expected format '{CHECKPOINT_FORMAT}', found something else; this file was not written "
+            "by autoseg, retrain with `autoseg train`"
+        )
+    if "network" not in checkpoint or not isinstance(checkpoint.get("metadata"), dict):
+        raise CheckpointError(f"{path}: autoseg checkpoint lacks 'network' or 'metadata'; retrain this fold")
+    return checkpoint
+
+
+def configuration_from_json(data: dict[str, Any]) -> Configuration:
+    """A :class:`Configuration` from its ``asdict`` form (as stored in checkpoint metadata)."""
+    fields = dict(data)
+    fields["resampling"] = Resampling(**fields["resampling"])
+    fields["architecture"] = ArchitectureSpec(**fields["architecture"])
+    return Configuration(**fields)
+
+
+@dataclass
+class LoadedModel:
+    """One fold: its network (eval mode, on the device) and where it came from."""
+
+    network: nn.Module
+    source: Path
+    fold: Any
+
+
+def build_network(
+    configuration: Configuration, in_channels: int, num_classes: int, state_dict: dict[str, torch.Tensor], source: Path
+) -> nn.Module:
+    """Build the configuration's network and load ``state_dict``.
+
+    Inference needs only the full-resolution output, so the network is built without deep supervision when
+    its weights load that way (the plain U-Net keeps every head either way); otherwise with it, and
+    :func:`sliding_window_predict` takes the first output.
+    """
+    from autoseg import networks
+
+    spec = configuration.architecture
+    errors = []
+    for deep_supervision in (False, True):
+        kwargs = dict(spec.build_kwargs)
+        kwargs["deep_supervision"] = deep_supervision
+        network = networks.build(spec.name, in_channels, num_classes, **kwargs)
+        try:
+            network.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            errors.append(str(exc).splitlines()[0])
+            continue
+        return network
+    raise CheckpointError(
+        f"{source}: weights do not fit architecture '{spec.name}' of configuration '{configuration.name}' "
+        f"({errors[-1][:200]}); the checkpoint belongs to another plan, retrain or pick the matching configuration"
+    )
+
+
+def _fold_of(path: Path) -> Any:
+    match = re.fullmatch(r"fold_(\d+|all)", path.parent.name)
+    if not match:
+        return path.parent.name
+    return int(match.group(1)) if match.group(1).isdigit() else match.group(1)
+
+
+def find_fold_checkpoints(model_folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
+    """Checkpoint paths of the chosen folds in ``results/<D>/<config>__<arch>``.
+
+    ``folds=None``: every ``fold_<k>`` folder holding ``checkpoint`` (numbered folds; ``fold_all`` only when
+    there is no numbered one, as nnU-Net does).
+    """
+    if folds is None:
+        found = sorted(
+            (p for p in model_folder.glob(f"fold_*/{checkpoint}") if p.is_file()),
+            key=lambda p: (not str(_fold_of(p)).isdigit(), str(_fold_of(p)).zfill(4)),
+        )
+        numbered = [p for p in found if isinstance(_fold_of(p), int)]
+        found = numbered or found
+        if not found:
+            existing = sorted(p.name for p in model_folder.glob("fold_*")) if model_folder.is_dir() else []
+            raise CheckpointError(
+                f"{model_folder}: no fold_*/{checkpoint} found (fold folders: {', '.join(existing) or 'none'}); "
+                "train a fold first, or pass --checkpoint checkpoint_best.pt / checkpoint_latest.pt"
+            )
+        return found
+    paths = []
+    for fold in folds:
+        path = model_folder / f"fold_{fold}" / checkpoint
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: missing; fold {fold} is not trained (or not finished: try --checkpoint "
+                "checkpoint_latest.pt), or leave out -f to use every trained fold"
+            )
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- predictor
+class Predictor:
+    """Trained folds of one configuration, loaded once.
+
+    Construct with :meth:`from_folder` (a trained dataset under the data root) or :meth:`from_checkpoints`.
+    """
+
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        plans: Plans,
+        configuration: Configuration,
+        in_channels: int,
+        device: torch.device | str = "auto",
+        step_size: float = 0.5,
+        mirror: bool = True,
+        window_batch_size: int = DEFAULT_WINDOW_BATCH,
+        sources: Sequence[Path] = (),
+    ) -> None:
+        if not networks:
+            raise ConfigurationError("a Predictor needs at least one trained network (fold)")
+        self.device = device if isinstance(device, torch.device) else choose_device(device)
+        self.plans = plans
+        self.configuration = configuration
+        self.in_channels = int(in_channels)
+        self.num_classes = plans.num_classes
+        self.step_size = float(step_size)
+        self.mirror = bool(mirror)
+        self.window_batch_size = int(window_batch_size)
+        self.amp = amp_dtype(self.device)
+        self.sources = [Path(s) for s in sources]
+        self.networks = [network.to(self.device).eval() for network in networks]
+
+    # ---------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        device: torch.device | str = "auto",
+        step_size: float = 0.5,
+        mirror: bool = True,
+        window_batch_size: int = DEFAULT_WINDOW_BATCH,
+    ) -> "Predictor":
+        """One network per checkpoint file; all must share configuration, channels and classes."""
+        if not paths:
+            raise CheckpointError("no checkpoint files given; pass at least one checkpoint_*.pt")
+        networks, reference, plans, configuration, in_channels = [], None, None, None, 0
+        for path in (Path(p) for p in paths):
+            checkpoint = load_checkpoint_file(path)
+            metadata = checkpoint["metadata"]
+            try:
+                this_configuration = configuration_from_json(metadata["configuration"])
+                this_plans = Plans.from_json(metadata["plans"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{path}: checkpoint metadata lacks a readable configuration/plans ({exc}); retrain this fold"
+                ) from exc
+            key = (this_configuration.name, this_configuration.architecture.name, metadata["in_channels"],
+                   metadata["num_classes"], tuple(this_configuration.patch_size))
+            if reference is None:
+                reference, plans, configuration = key, this_plans, this_configuration
+                in_channels = int(metadata["in_channels"])
+            elif key != reference:
+                raise CheckpointError(
+                    f"{path}: belongs to {key[:2]} with {key[2]} channels/{key[3]} classes/patch {key[4]}, "
+                    f"but {paths[0]} is {reference[:2]} with {reference[2]}/{reference[3]}/{reference[4]}; "
+                    "ensemble folds of one configuration only"
+                )
+            assert configuration is not None
+            networks.append(
+                build_network(configuration, in_channels, int(metadata["num_classes"]), checkpoint["network"], path)
+            )
+            log.debug("loaded %s (epoch %s)", path, metadata.get("epoch"))
+        assert plans is not None and configuration is not None
+        if int(reference[3]) != plans.num_classes:  # type: ignore[index]
+            raise CheckpointError(
+                f"{paths[0]}: network has {reference[3]} classes but its plans list {plans.num_classes} labels; "  # type: ignore[index]
+                "the checkpoint is inconsistent, retrain"
+            )
+        return cls(networks, plans, configuration, in_channels, device=device, step_size=step_size, mirror=mirror,
+                   window_batch_size=window_batch_size, sources=[Path(p) for p in paths])
+
+    @classmethod
+    def from_folder(
+        cls,
+        dataset: str | int,
+        configuration: str,
+        folds: Sequence[int | str] | None = None,
+        root: str | os.PathLike | None = None,
+        architecture: str | None = None,
+        checkpoint: str = DEFAULT_CHECKPOINT,
+        device: torch.device | str = "auto",
+        step_size: float = 0.5,
+        mirror: bool = True,
+        window_batch_size: int = DEFAULT_WINDOW_BATCH,
+    ) -> "Predictor":
+        """The trained folds of ``configuration`` in ``results/<dataset>/<configuration>__<arch>/``."""
+        folder = model_folder(dataset, configuration, root=root, architecture=architecture)
+        paths = find_fold_checkpoints(folder, folds, checkpoint)
+        log.info("model %s, folds %s", folder, ", ".join(str(_fold_of(p)) for p in paths))
+        return cls.from_checkpoints(paths, device=device, step_size=step_size, mirror=mirror,
+                                    window_batch_size=window_batch_size)
+
+    # ------------------------------------------------------------------------------------ prediction
+    @property
+    def model_dims(self) -> int:
+        return int(self.configuration.dims)
+
+    def predict_preprocessed(self, data: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Softmax probabilities float32 ``[K, Z, Y, X]`` for a preprocessed ``[C, Z, Y, X]`` array, averaged
+        over folds. Always at the planned patch size (fixed-size networks accept nothing else)."""
+        if data.ndim != 4 or data.shape[0] != self.in_channels:
+            raise ValueError(
+                f"preprocessed data must be [C={self.in_channels}, Z, Y, X], got shape {tuple(data.shape)}"
+            )
+        tensor = torch.as_tensor(np.asarray(data, dtype=np.float32) if isinstance(data, np.ndarray) else data)
+        total: torch.Tensor | None = None
+        with torch.inference_mode():
+            for network in self.networks:
+                probabilities = sliding_window_predict(
+                    network,
+                    tensor,
+                    self.configuration.patch_size,
+                    self.model_dims,
+                    self.num_classes,
+                    step_size=self.step_size,
+                    mirror=self.mirror,
+                    device=self.device,
+                    batch_size=self.window_batch_size,
+                    amp=self.amp,
+                    softmax=True,
+                )
+                total = probabilities if total is None else total + probabilities
+        assert total is not None
+        return (total / len(self.networks)).numpy()
+
+    def check_image(self, image: np.ndarray, geometry: Geometry, name: str = "image") -> None:
+        """Raise ImageReadError when ``image`` cannot go through this model (channels, dimensionality)."""
+        expected = self.plans.num_channels
+        if image.shape[0] != expected:
+            names = ", ".join(f"{k}: {v}" for k, v in sorted(self.plans.channel_names.items()))
+            raise ImageReadError(
+                f"{name}: expected {expected} channel(s) ({names}), found {image.shape[0]}; give one "
+                "<case>_<CCCC> file per channel (colour images: one file with that many colours)"
+            )
+        if geometry.dims == 2 and self.model_dims == 3:
+            raise ImageReadError(
+                f"{name}: is a 2D image but configuration '{self.configuration.name}' is a 3D model; "
+                "predict 2D images with a 2D configuration (-c 2d) or give the 3D volume"
+            )
+
+    def preprocess(self, image: np.ndarray, geometry: Geometry, case_id: str = "") -> tuple[np.ndarray, Any]:
+        """``(data [C, Z, Y, X], CaseProperties)`` through the training code path."""
+        preprocess_case, _, _ = preprocessing_functions()
+        data, _, properties = preprocess_case(image, geometry, self.plans, self.configuration, case_id=case_id)
+        return data, properties
+
+    def restore(self, probabilities: np.ndarray, properties: Any) -> np.ndarray:
+        """Probabilities ``[K, Z, Y, X]`` of the preprocessed grid -> float32 ``[K, *original shape]``."""
+        _, restore_probabilities, _ = preprocessing_functions()
+        return restore_probabilities(probabilities, properties, self.configuration)
+
+    def predict_array(self, image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        """``(segmentation [*geometry.shape] uint8/uint16, probabilities float32 [K, *geometry.shape])`` for a raw
+        image ``[C, (Z,) Y, X]`` with its geometry (as returned by ``autoseg.io.read_image``)."""
+        self.check_image(image, geometry)
+        data, properties = self.preprocess(image, geometry)
+        probabilities = self.restore(self.predict_preprocessed(data), properties)
+        return probabilities_to_segmentation(probabilities), probabilities
+
+    def predict_files(self, files: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        """Read a case's channel files and predict: ``(segmentation, probabilities, geometry)``."""
+        image, geometry = read_image(files)
+        first = files if isinstance(files, (str, os.PathLike)) else files[0]
+        self.check_image(image, geometry, name=str(first))
+        segmentation, probabilities = self.predict_array(image, geometry)
+        return segmentation, probabilities, geometry
+
+
+def probabilities_to_segmentation(probabilities: np.ndarray) -> np.ndarray:
+    """Argmax over classes: ``[K, ...]`` -> ``[...]`` label map (uint8 for < 256 classes)."""
+    dtype = np.uint8 if probabilities.shape[0] < 256 else np.uint16
+    return np.argmax(probabilities, axis=0).astype(dtype)
+
+
+def preprocessing_functions() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """``(preprocess_case, restore_probabilities, restore_segmentation)`` from the preprocessing package,
+    imported on first use (docs/internals.md, "Preprocessing")."""
+    try:
+        from autoseg.preprocessing import preprocess_case, restore_probabilities, restore_segmentation
+    except ImportError as exc:  # pragma: no cover - only while the preprocessing package is incomplete
+        raise ConfigurationError(
+            f"autoseg.preprocessing is not available ({exc}); reinstall autoseg (pip install -e .)"
+        ) from exc
+    return preprocess_case, restore_probabilities, restore_segmentation
+
+
+def model_folder(
+    dataset: str | int, configuration: str, root: str | os.PathLike | None = None, architecture: str | None = None
+) -> Path:
+    """``results/<dataset>/<configuration>__<arch>``; the architecture comes from plans.json or, without it,
+    from the one trained folder whose name starts with the configuration."""
+    from autoseg.paths import resolve_dataset, results_folder
+
+    location = resolve_dataset(dataset, root)
+    if architecture is None:
+        plans_file = location.preprocessed / "plans.json"
+        if plans_file.is_file():
+            try:
+                architecture = load_plans(plans_file).configuration(configuration).architecture.name
+            except ConfigurationError:
+                architecture = None
+    if architecture is None:
+        candidates = sorted(location.results.glob(f"{configuration}__*")) if location.results.is_dir() else []
+        if len(candidates) != 1:
+            found = ", ".join(p.name for p in sorted(location.results.glob("*__*"))) if location.results.is_dir() else ""
+            raise CheckpointError(
+                f"{location.results}: expected one trained model folder '{configuration}__<arch>', found "
+                f"{found or 'none'}; train it first or pass --arch"
+            )
+        return candidates[0]
+    folder = results_folder(location, configuration, architecture)
+    if not folder.is_dir():
+        found = ", ".join(p.name for p in sorted(location.results.glob("*__*"))) if location.results.is_dir() else ""
+        raise CheckpointError(
+            f"{folder}: no trained model (trained: {found or 'none'}); run `autoseg train {location.name} "
+            f"{configuration} 0` first or choose another -c/--arch"
+        )
+    return folder
