@@ -262,9 +262,13 @@ def _read_error_problem(rel: str, path: Path, exc: AutosegError, expected: str) 
         return Problem(rel, "voxel spacing > 0 mm along every axis", "a header with zero spacing",
                        "write the true voxel spacing into the file's header (e.g. re-save it with SimpleITK "
                        "after SetSpacing)", check="spacing")
-    return Problem(rel, expected, message, "re-export or re-convert the file; if it is 4D (several modalities "
-                   "in one file) run `autoseg convert-msd` or split it into one file per channel",
-                   check="unreadable file")
+    if "dimensions" in message:
+        fix = "split the file into one 2D/3D file per channel (Decathlon tasks: `autoseg convert-msd`)"
+    elif "colour channels" in message:
+        fix = "save the label map as a single-channel integer image"
+    else:
+        fix = "re-export or re-convert the file from its source; it may be truncated or not an image at all"
+    return Problem(rel, expected, message, fix, check="unreadable file")
 
 
 def _colour_problem(rel: str, components: int, spec: DatasetSpec, several_files: bool, identical: bool) -> Problem:
