@@ -147,7 +147,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_find_best(args: argparse.Namespace) -> int:
     from autoseg.evaluation import find_best
 
-    find_best(args.dataset, root=args.root, configurations=args.configs, folds=args.folds)
+    find_best(args.dataset, root=args.root, configurations=args.configs, folds=args.folds, num_workers=args.num_workers)
     return 0
 
 
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--configs", nargs="+", default=None, help="restrict to these <config>__<arch> result folders")
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("-np", "--num-workers", type=int, default=2, help="evaluation processes")
 
     p = command("demo", _cmd_demo, "run the whole pipeline on a small synthetic dataset",
                 "Generate a small synthetic dataset and run verify -> plan -> preprocess -> train -> predict -> "
