@@ -123,13 +123,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         postprocess=not args.no_postprocessing,
     )
+    print(report.format())
     return 0 if report.ok else 1
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from autoseg.inference.ensemble import ensemble_folders
 
-    ensemble_folders(args.inputs, args.output, save_probabilities=args.save_probabilities)
+    written = ensemble_folders(args.inputs, args.output, save_probabilities=args.save_probabilities)
+    print(f"ensembled {len(written)} case(s) of {len(args.inputs)} folders into {args.output}")
     return 0
 
 

@@ -230,3 +230,27 @@ def test_cli_predict_exit_codes(tmp_path: Path, identity_preprocessing: None) ->
     (inputs / "bad_0000.nii.gz").write_bytes(b"garbage")
     assert main(args) == 1
     shutil.rmtree(tmp_path / "out")
+
+
+def test_postprocessing_json_applied_when_present(tmp_path: Path, identity_preprocessing: None) -> None:
+    from autoseg.evaluation.postprocessing import PostprocessingRules, save_postprocessing
+
+    plans = make_plans(3, spacing=(2.0, 1.0, 1.0))
+    model = tmp_path / "results" / "3d_fullres__unet"
+    values = np.full((6, 16, 20), 20.0, np.float32)
+    values[1:5, 2:10, 2:10] = 150.0  # large class-1 blob
+    values[2:4, 12:14, 15:18] = 150.0  # small separate class-1 blob
+    write_image(values, Geometry((6, 16, 20), (2.0, 1.0, 1.0), (0.0,) * 3, tuple(np.eye(3).ravel())),
+                tmp_path / "in" / "pp_0000.nii.gz")
+    save_postprocessing(model, PostprocessingRules(largest_component_labels=[1], labels=[1, 2]))
+    predictor = _predictor(plans, [ThresholdNetwork()], sources=[model / "fold_0" / "checkpoint_final.pt"])
+
+    assert predict(tmp_path / "in", tmp_path / "raw_out", "x", "3d_fullres", predictor=predictor,
+                   postprocess=False).ok
+    plain, _ = read_segmentation(tmp_path / "raw_out" / "pp.nii.gz")
+    np.testing.assert_array_equal(plain, _expected_threshold(values))
+    assert predict(tmp_path / "in", tmp_path / "pp_out", "x", "3d_fullres", predictor=predictor).ok
+    processed, _ = read_segmentation(tmp_path / "pp_out" / "pp.nii.gz")
+    expected = _expected_threshold(values)
+    expected[2:4, 12:14, 15:18] = 0
+    np.testing.assert_array_equal(processed, expected)
