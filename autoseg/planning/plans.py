@@ -57,6 +57,7 @@ class Resampling:
     order_z: int = 0
     separate_z: bool | None = None
     anisotropy_threshold: float = 3.0
+    coarse_axis: int | None = None  # the axis resampled on its own when separate_z is True (array order)
 
 
 @dataclass

@@ -1,0 +1,316 @@
+"""The dataset fingerprint: what the planner needs to know about a raw dataset, measured once.
+
+Per case: spacing, shape before and after cropping to the nonzero region, the relative size of that crop,
+per-channel intensity statistics of the foreground (voxels with label > 0), and label volumes. Dataset
+level: the same intensity statistics over a seeded sample of foreground voxels of every case, median
+shape and spacing, spacing percentiles, the median relative size after cropping, label volumes.
+
+Facts behind the choices (shared/reference/nnunet.md, "Fingerprint"):
+
+- crop to nonzero: mask = any channel != 0 with holes filled; the bounding box of the mask is kept.
+- nnU-Net samples about 1e8 / num_cases foreground voxels per case. Percentiles of a few thousand samples
+  per case are already stable to well under 1 % on typical data, so we take ``SAMPLES_PER_CASE`` = 10,000
+  (design.md section 2), seeded by the case's position in the sorted case list: the same dataset gives the
+  same ``fingerprint.json`` byte for byte, whatever the number of workers.
+
+Shapes and spacings are in array axis order ``(Z, Y, X)`` for 3D images and ``(Y, X)`` for 2D images.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.ndimage import binary_fill_holes
+from tqdm import tqdm
+
+from autoseg.dataset import Case, DatasetSpec, list_training_cases, load_dataset_spec
+from autoseg.errors import DatasetError
+from autoseg.fileio import read_json, write_json
+from autoseg.io import read_image, read_segmentation
+from autoseg.planning.plans import IntensityStats
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_SCHEMA_VERSION = 1
+FINGERPRINT_FILE = "fingerprint.json"
+SAMPLES_PER_CASE = 10_000  # design.md section 2; nnU-Net uses ~1e8 / num_cases (see module docstring)
+SAMPLING_SEED = 1234  # any fixed number: only determinism matters
+
+
+@dataclass
+class CaseFingerprint:
+    """One case. ``intensity_stats`` per channel index (as string) over *all* foreground voxels of the case;
+    ``label_voxels`` per label value (as string): voxel counts in the original grid."""
+
+    case_id: str
+    spacing: list[float]
+    shape_before_crop: list[int]
+    shape_after_crop: list[int]
+    relative_size_after_crop: float  # voxels after crop / voxels before crop
+    intensity_stats: dict[str, IntensityStats]
+    label_voxels: dict[str, int]
+
+
+@dataclass
+class Fingerprint:
+    """The whole dataset (written as ``fingerprint.json``). Per-axis lists are in array axis order."""
+
+    dataset_name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    file_ending: str
+    cases: list[CaseFingerprint]
+    intensity_stats: dict[str, IntensityStats]  # per channel, over the pooled foreground samples
+    median_spacing: list[float]
+    spacing_percentile_10: list[float]
+    spacing_percentile_90: list[float]
+    median_shape_after_crop: list[float]
+    median_relative_size_after_crop: float
+    label_volume_median_mm3: dict[str, float]  # per label value: median over cases of the volume in mm^3
+    samples_per_case: int = SAMPLES_PER_CASE
+    schema_version: int = FINGERPRINT_SCHEMA_VERSION
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.cases)
+
+    @property
+    def dims(self) -> int:
+        """Image dimensionality: 2 for 2D images (PNG, 2D NIfTI), 3 for volumes."""
+        return len(self.cases[0].spacing)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    @property
+    def spacings(self) -> np.ndarray:
+        """``[num_cases, dims]`` float64, mm."""
+        return np.array([c.spacing for c in self.cases], dtype=np.float64)
+
+    @property
+    def shapes_after_crop(self) -> np.ndarray:
+        """``[num_cases, dims]`` float64, voxels."""
+        return np.array([c.shape_after_crop for c in self.cases], dtype=np.float64)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Fingerprint":
+        if data.get("schema_version") != FINGERPRINT_SCHEMA_VERSION:
+            raise DatasetError(
+                f"fingerprint schema version {data.get('schema_version')!r} is not {FINGERPRINT_SCHEMA_VERSION}; "
+                "re-run `autoseg plan`"
+            )
+        fields = dict(data)
+        fields["cases"] = [
+            CaseFingerprint(**{**c, "intensity_stats": {k: IntensityStats(**v) for k, v in c["intensity_stats"].items()}})
+            for c in data["cases"]
+        ]
+        fields["intensity_stats"] = {k: IntensityStats(**v) for k, v in data["intensity_stats"].items()}
+        return cls(**fields)
+
+
+def save_fingerprint(fingerprint: Fingerprint, path: str | os.PathLike) -> None:
+    write_json(path, fingerprint.to_json())
+
+
+def load_fingerprint(path: str | os.PathLike) -> Fingerprint:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no fingerprint found; run `autoseg plan {path.parent.name}` first")
+    try:
+        return Fingerprint.from_json(read_json(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a valid autoseg fingerprint ({exc}); re-run `autoseg plan`") from exc
+
+
+# ------------------------------------------------------------------------------------------- numerics
+def nonzero_bounding_box(image: np.ndarray) -> list[tuple[int, int]]:
+    """Bounding box ``[(start, stop) per spatial axis]`` of the nonzero region of ``image`` ``[C, *spatial]``.
+
+    The mask is "any channel != 0" with holes filled (so dark structures inside the body stay in the crop).
+    An all-zero image keeps its full extent.
+    """
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return [(0, n) for n in mask.shape]
+    mask = binary_fill_holes(mask)
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return box
+
+
+def intensity_statistics(values: np.ndarray) -> IntensityStats:
+    """Mean, std (population), median, min, max, percentiles 0.5 and 99.5 of a 1-D array of intensities.
+
+    Empty input (no foreground) gives NaN-free zeros so the JSON stays valid; the planner only uses the
+    dataset-level statistics, which pool every case.
+    """
+    if values.size == 0:
+        return IntensityStats(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    values = values.astype(np.float64, copy=False)
+    p_low, median, p_high = np.percentile(values, [0.5, 50.0, 99.5])
+    return IntensityStats(
+        mean=float(values.mean()),
+        std=float(values.std()),
+        median=float(median),
+        min=float(values.min()),
+        max=float(values.max()),
+        percentile_00_5=float(p_low),
+        percentile_99_5=float(p_high),
+    )
+
+
+def sample_foreground(
+    image: np.ndarray, label: np.ndarray, num_samples: int, seed: Sequence[int]
+) -> np.ndarray:
+    """``num_samples`` foreground voxels (label > 0) of every channel, ``[C, num_samples]`` float32
+    (``[C, 0]`` when the case has no foreground).
+
+    Drawn with replacement, so every case contributes the same number of samples whatever its foreground
+    size: the pooled statistics weight cases equally, as nnU-Net's do (it also samples a fixed count per
+    case with replacement). The same voxel positions are used for every channel. ``seed`` seeds a
+    ``numpy.random.default_rng``.
+    """
+    foreground = np.flatnonzero(label.reshape(-1) > 0)
+    if foreground.size:
+        rng = np.random.default_rng(list(seed))
+        foreground = np.sort(rng.choice(foreground, size=num_samples, replace=True))
+    flat = image.reshape(image.shape[0], -1)
+    return flat[:, foreground].astype(np.float32)
+
+
+@dataclass
+class _CaseResult:
+    fingerprint: CaseFingerprint
+    samples: np.ndarray  # [C, n] float32
+
+
+def fingerprint_case(case: Case, index: int, num_samples: int = SAMPLES_PER_CASE) -> _CaseResult:
+    """Read one case and measure it (runs in a worker; holds one case in memory)."""
+    image, geometry = read_image(case.image_files)
+    assert case.label_file is not None
+    label, label_geometry = read_segmentation(case.label_file)
+    if tuple(label.shape) != tuple(image.shape[1:]):
+        raise DatasetError(
+            f"{case.label_file}: label shape {tuple(label.shape)} differs from image shape "
+            f"{tuple(image.shape[1:])}; run `autoseg verify` to find every mismatched case"
+        )
+    box = nonzero_bounding_box(image)
+    shape_before = [int(n) for n in image.shape[1:]]
+    shape_after = [stop - start for start, stop in box]
+    relative = float(np.prod(shape_after, dtype=np.float64) / np.prod(shape_before, dtype=np.float64))
+
+    foreground = label > 0
+    stats = {str(c): intensity_statistics(image[c][foreground]) for c in range(image.shape[0])}
+    values, counts = np.unique(label, return_counts=True)
+    label_voxels = {str(int(v)): int(n) for v, n in zip(values, counts)}
+    samples = sample_foreground(image, label, num_samples, (SAMPLING_SEED, index))
+    return _CaseResult(
+        CaseFingerprint(
+            case_id=case.case_id,
+            spacing=[float(s) for s in geometry.spacing],
+            shape_before_crop=shape_before,
+            shape_after_crop=shape_after,
+            relative_size_after_crop=relative,
+            intensity_stats=stats,
+            label_voxels=label_voxels,
+        ),
+        samples,
+    )
+
+
+def _fingerprint_case_star(args: tuple[Case, int, int]) -> _CaseResult:
+    return fingerprint_case(*args)
+
+
+def summarize(
+    results: Sequence[_CaseResult], spec: DatasetSpec, dataset_name: str, num_samples: int = SAMPLES_PER_CASE
+) -> Fingerprint:
+    """Dataset-level statistics from the per-case results (pure; order of ``results`` = case order)."""
+    cases = [r.fingerprint for r in results]
+    num_channels = max(r.samples.shape[0] for r in results)
+    pooled = {
+        str(c): intensity_statistics(np.concatenate([r.samples[c] for r in results if r.samples.shape[0] > c]))
+        for c in range(num_channels)
+    }
+    spacings = np.array([c.spacing for c in cases], dtype=np.float64)
+    shapes = np.array([c.shape_after_crop for c in cases], dtype=np.float64)
+    voxel_volume = np.prod(spacings, axis=1)
+    label_volumes = {}
+    for value in sorted(spec.label_values):
+        volumes = [c.label_voxels.get(str(value), 0) * v for c, v in zip(cases, voxel_volume)]
+        label_volumes[str(value)] = float(np.median(volumes))
+    return Fingerprint(
+        dataset_name=dataset_name,
+        channel_names={str(k): v for k, v in sorted(spec.channel_names.items())},
+        labels=dict(sorted(spec.labels.items(), key=lambda kv: kv[1])),
+        file_ending=spec.file_ending,
+        cases=cases,
+        intensity_stats=pooled,
+        median_spacing=[float(v) for v in np.median(spacings, axis=0)],
+        spacing_percentile_10=[float(v) for v in np.percentile(spacings, 10, axis=0)],
+        spacing_percentile_90=[float(v) for v in np.percentile(spacings, 90, axis=0)],
+        median_shape_after_crop=[float(v) for v in np.median(shapes, axis=0)],
+        median_relative_size_after_crop=float(np.median([c.relative_size_after_crop for c in cases])),
+        label_volume_median_mm3=label_volumes,
+        samples_per_case=num_samples,
+    )
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork starts workers in milliseconds; the workers only read images (no torch), so it is safe here
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def extract_fingerprint(
+    raw_dir: str | os.PathLike,
+    num_workers: int = 2,
+    num_samples: int = SAMPLES_PER_CASE,
+    progress: bool = True,
+) -> Fingerprint:
+    """Fingerprint the raw dataset in ``raw_dir`` (nnU-Net v2 layout), ``num_workers`` cases in parallel.
+
+    Every worker holds one case in memory at a time. Raises DatasetError when there are no training cases
+    or a case's label does not match its image.
+    """
+    raw_dir = Path(raw_dir)
+    spec = load_dataset_spec(raw_dir)
+    cases = list_training_cases(raw_dir, spec)
+    if not cases:
+        raise DatasetError(
+            f"{raw_dir}: no training cases found (expected labelsTr/<case>{spec.file_ending} with images in "
+            f"imagesTr/); run `autoseg verify {raw_dir.name}`"
+        )
+    jobs = [(case, index, num_samples) for index, case in enumerate(cases)]
+    bar = dict(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
+    if num_workers <= 1 or len(jobs) == 1:
+        results = [fingerprint_case(*job) for job in tqdm(jobs, **bar)]
+    else:
+        workers = min(num_workers, len(jobs))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+            # map keeps case order, so the output does not depend on scheduling
+            results = list(tqdm(pool.map(_fingerprint_case_star, jobs), **bar))
+    dims = {len(r.fingerprint.spacing) for r in results}
+    if len(dims) > 1:
+        raise DatasetError(
+            f"{raw_dir}: cases mix 2D and 3D images ({sorted(dims)} dimensions); a dataset must be one or the other"
+        )
+    fingerprint = summarize(results, spec, raw_dir.name, num_samples)
+    logger.info(
+        "fingerprinted %d cases: median spacing %s, median shape after crop %s",
+        fingerprint.num_cases, fingerprint.median_spacing, fingerprint.median_shape_after_crop,
+    )
+    return fingerprint
