@@ -12,15 +12,16 @@ exactly when its JSON exists and the arrays it names load with the shapes it rec
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autoseg.errors import PreprocessingError
-from autoseg.fileio import atomic_path, read_json, write_json
+from autoseg.fileio import atomic_path, atomic_write, read_json
 from autoseg.io import Geometry
 
 PROPERTIES_SCHEMA_VERSION = 1
@@ -46,7 +47,9 @@ class CaseProperties:
     schema_version: int = PROPERTIES_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # shallow on purpose: every field is already JSON-able, and dataclasses.asdict would deep-copy the
+        # tens of thousands of class-location triples one by one (most of a small case's preprocessing time)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["geometry"] = self.geometry.to_json()
         return data
 
@@ -74,6 +77,18 @@ def properties_path(folder: Path, case_id: str) -> Path:
     return folder / f"{case_id}.json"
 
 
+def properties_text(properties: CaseProperties) -> str:
+    """The case JSON: one top-level key per line (sorted), each value compact on its line.
+
+    Deterministic like ``autoseg.fileio.write_json`` and still readable, but without its indented layout,
+    which puts every coordinate of the ~10,000 class locations per class on a line of its own and can only
+    use Python's slow JSON encoder (the C encoder serves compact output only).
+    """
+    data = properties.to_json()
+    lines = [f"  {json.dumps(key)}: {json.dumps(data[key], sort_keys=True)}" for key in sorted(data)]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as handle:
@@ -96,7 +111,8 @@ def save_case(
         if label.shape[1:] != data.shape[1:] or label.shape[0] != 1:
             raise ValueError(f"label shape {label.shape} does not match image {data.shape}")
         _save_npy(label_path(folder, properties.case_id), np.ascontiguousarray(label, dtype=np.int8))
-    write_json(properties_path(folder, properties.case_id), properties.to_json())
+    text = properties_text(properties)
+    atomic_write(properties_path(folder, properties.case_id), lambda handle: handle.write(text.encode("utf-8")))
 
 
 def load_properties(folder: str | os.PathLike, case_id: str) -> CaseProperties:
