@@ -1,0 +1,672 @@
+"""`autoseg train`: the training loop, assembled from parts chosen by the plan and the options.
+
+Parts (one module each): patch sampler (data), augmentation, loader, losses, schedule, checkpoint, progress,
+distributed. Defaults of the nnU-Net method (shared/reference/nnunet.md, "Training defaults"): 1000 epochs x
+250 iterations, SGD lr 0.01 momentum 0.99 Nesterov weight decay 3e-5, poly LR 0.9, Dice + CE with deep
+supervision, gradient norm clipped at 12, AMP on CUDA, checkpoint_latest every 50 epochs, checkpoint_best by
+the EMA (0.9/0.1) of the mean pseudo-Dice of the validation batches, checkpoint_final, then a sliding-window
+prediction of the fold's validation cases. docs/training.md explains every option.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoseg.device import amp_dtype, choose_device, configure_threads
+from autoseg.errors import CheckpointError, ConfigurationError, PreprocessingError, TrainingError
+from autoseg.fileio import atomic_path, read_json, write_json
+from autoseg.paths import environment_summary, fold_folder, resolve_dataset
+from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.preprocessing.store import list_stored_cases
+from autoseg.training import distributed
+from autoseg.training.augmentation import (
+    CentreCrop,
+    augmentation_settings,
+    sample_size_for,
+    training_transforms,
+    validation_transforms,
+)
+from autoseg.training.checkpoint import (
+    BEST,
+    FINAL,
+    LATEST,
+    capture_rng_state,
+    load_checkpoint,
+    make_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from autoseg.training.data import PatchSampler
+from autoseg.training.loader import BatchLoader
+from autoseg.training.losses import deep_supervision_loss, deep_supervision_weights
+from autoseg.training.progress import Curves, append_log, epoch_line, plot_progress, write_curves
+from autoseg.training.schedule import format_duration, parse_duration, poly_lr, training_progress
+
+log = logging.getLogger(__name__)
+
+# nnU-Net training defaults (shared/reference/nnunet.md)
+DEFAULT_EPOCHS = 1000
+DEFAULT_ITERATIONS = 250
+INITIAL_LR = 0.01
+MOMENTUM = 0.99
+WEIGHT_DECAY = 3e-5
+GRADIENT_CLIP = 12.0
+EMA_DECAY = 0.9  # ema = 0.9 ema + 0.1 mean pseudo-Dice
+VALIDATION_FRACTION = 0.2  # 50 validation iterations per 250 training iterations
+CHECKPOINT_EVERY = 50  # epochs between checkpoint_latest.pt, as in the reference
+CHECKPOINT_INTERVAL_S = 600.0  # ... and at least every 10 minutes, so an interrupted job loses little
+DEFAULT_WORKERS = 2
+
+
+@dataclass
+class TrainingState:
+    """Everything --continue needs besides the weights and the optimiser."""
+
+    epoch: int = 0  # completed epochs
+    curves: Curves = field(default_factory=Curves)
+    ema: float | None = None
+    best_ema: float = -1.0
+    elapsed_s: float = 0.0  # wall-clock training time across runs (the --time-budget clock)
+    seconds_per_patch: float | None = None  # measured inference time per patch (validation estimate)
+
+
+# ------------------------------------------------------------------------------------------ resolution
+def _parse_fold(fold: int | str, num_folds: int, splits_file: Path) -> int | str:
+    text = str(fold).strip().lower()
+    if text == "all":
+        return "all"
+    if text.isdigit() and int(text) < num_folds:
+        return int(text)
+    raise ConfigurationError(
+        f"{splits_file}: fold {fold!r} does not exist; expected 0-{num_folds - 1} or 'all' "
+        f"(splits.json lists {num_folds} folds)"
+    )
+
+
+def _read_splits(preprocessed: Path) -> list[dict[str, list[str]]]:
+    """splits.json via autoseg.planning.splits when present, else read directly (same file format)."""
+    try:
+        from autoseg.planning.splits import load_splits  # type: ignore[import-not-found]
+    except ImportError:
+        load_splits = None
+    if load_splits is not None:
+        return load_splits(preprocessed)
+    path = preprocessed / "splits.json"
+    if not path.is_file():
+        raise PreprocessingError(f"{path}: missing; run `autoseg plan {preprocessed.name}` to write the folds")
+    splits = read_json(path)
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s and "val" in s for s in splits):
+        raise ConfigurationError(
+            f"{path}: expected a list of {{\"train\": [...], \"val\": [...]}} folds; fix the file or re-run "
+            "`autoseg plan` to rewrite it"
+        )
+    return splits
+
+
+def fold_cases(preprocessed: Path, fold: int | str) -> tuple[list[str], list[str]]:
+    """(train ids, val ids) of ``fold``; "all" trains and validates on every case."""
+    splits = _read_splits(preprocessed)
+    fold = _parse_fold(fold, len(splits), preprocessed / "splits.json")
+    if fold == "all":
+        cases = sorted({c for s in splits for c in s["train"] + s["val"]})
+        return cases, cases
+    return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any, architecture: str | None):
+    location = resolve_dataset(dataset, root)
+    plans_file = location.preprocessed / PLANS_FILE
+    if not plans_file.is_file():
+        raise PreprocessingError(
+            f"{plans_file}: no preprocessed data for {location.name}; run `autoseg plan {location.name}` first "
+            "(it plans and preprocesses)"
+        )
+    plans = load_plans(plans_file)
+    config = plans.configuration(configuration, architecture)
+    train_ids, val_ids = fold_cases(location.preprocessed, fold)
+    fold = _parse_fold(fold, 10**9, location.preprocessed / "splits.json")
+    store = location.preprocessed / config.data_identifier
+    stored = set(list_stored_cases(store))
+    missing = sorted(set(train_ids + val_ids) - stored)
+    if missing:
+        raise PreprocessingError(
+            f"{store}: {len(missing)} case(s) of fold {fold} are not preprocessed (e.g. {', '.join(missing[:3])}); "
+            f"run `autoseg preprocess {location.name} -c {config.data_identifier}` (or `autoseg plan {location.name}`)"
+        )
+    return location, plans, config, fold, train_ids, val_ids, store
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """A seed per (run seed, epoch, rank): each epoch's random stream depends only on these, so resuming
+    from an epoch boundary replays exactly what an uninterrupted run would have drawn."""
+    return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
+
+
+def build_network(plans: Plans, config: Configuration) -> nn.Module:
+    from autoseg import networks
+
+    return networks.build(config.architecture.name, plans.num_channels, plans.num_classes,
+                          **config.architecture.build_kwargs)
+
+
+def _load_pretrained(network: nn.Module, path: str | os.PathLike) -> None:
+    """Copy every weight whose name and shape match (heads for another label set are skipped)."""
+    checkpoint = load_checkpoint(path)
+    own = network.state_dict()
+    usable = {k: v for k, v in checkpoint["network"].items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(
+            f"{path}: no weight of this checkpoint fits the network ({len(own)} tensors expected); "
+            "pretrain with the same architecture and topology"
+        )
+    network.load_state_dict(usable, strict=False)
+    log.info("pretrained weights: %d of %d tensors loaded from %s", len(usable), len(own), path)
+
+
+def _environment(device: torch.device, context: distributed.DistributedContext) -> dict[str, Any]:
+    import batchgenerators
+
+    from autoseg import __version__
+
+    return {
+        "autoseg": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "torch": torch.__version__, "numpy": np.__version__,
+        "batchgenerators": getattr(batchgenerators, "__version__", "unknown"),
+        "device": str(device), "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(), "world_size": context.world_size,
+        "argv": sys.argv, "environment": environment_summary(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- step
+def _targets_to(device: torch.device, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.to(device, non_blocking=True) for t in targets]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def pseudo_dice_counts(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[3, K-1]`` true positives, false positives, false negatives per foreground class of the argmax
+    prediction of ``logits [B, K, *S]`` against ``target [B, 1, *S]`` (summed over the batch)."""
+    prediction = logits.argmax(1)
+    labels = target[:, 0].long()
+    counts = torch.zeros(3, num_classes - 1, dtype=torch.float64, device=logits.device)
+    for k in range(1, num_classes):
+        p, g = prediction == k, labels == k
+        counts[0, k - 1] = (p & g).sum()
+        counts[1, k - 1] = (p & ~g).sum()
+        counts[2, k - 1] = (~p & g).sum()
+    return counts
+
+
+def dice_from_counts(counts: torch.Tensor) -> list[float]:
+    """``2TP / (2TP + FP + FN)`` per class; NaN for a class absent from reference and prediction."""
+    tp, fp, fn = counts
+    denominator = 2 * tp + fp + fn
+    return [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp.tolist(), denominator.tolist())]
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(
+    dataset: str | int,
+    configuration: str,
+    fold: int | str,
+    root: str | os.PathLike | None = None,
+    architecture: str | None = None,
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    continue_training: bool = False,
+    device: str = "auto",
+    compile_network: bool = False,
+    selfreg: bool = False,
+    pretrained: str | os.PathLike | None = None,
+    seed: int = 12345,
+    time_budget: str | float | None = None,
+    num_workers: int | None = None,
+    validate: bool = True,
+    *,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    validation_iterations: int | None = None,
+    on_epoch_end: Callable[[int, Curves], None] | None = None,
+) -> Path:
+    """Train one fold of one configuration; returns the fold folder (see docs/training.md).
+
+    Keyword-only extras: ``checkpoint_every`` (epochs between checkpoint_latest.pt), ``checkpoint_interval_s``
+    (also save latest when this much time passed), ``validation_iterations`` per epoch (default 1/5 of the
+    training iterations), ``on_epoch_end(epoch, curves)`` callback (notebooks, tests).
+    """
+    session_start = time.monotonic()
+    budget_s = parse_duration(time_budget)
+    location, plans, config, fold, train_ids, val_ids, store = _resolve(dataset, configuration, fold, root, architecture)
+    arch = config.architecture.name
+    if epochs is not None and epochs < 1 or iterations_per_epoch is not None and iterations_per_epoch < 1:
+        raise ConfigurationError(f"--epochs and --iters-per-epoch must be >= 1, got {epochs} and {iterations_per_epoch}")
+    # with a time budget the budget ends training; --epochs then is an upper bound only
+    total_epochs = epochs if epochs is not None else (None if budget_s else DEFAULT_EPOCHS)
+    iterations = iterations_per_epoch or DEFAULT_ITERATIONS
+    val_iterations = validation_iterations or max(1, round(iterations * VALIDATION_FRACTION))
+
+    torch_device = choose_device(device)
+    context = distributed.init_distributed(torch_device)
+    if torch_device.type == "cuda" and context.enabled:
+        torch_device = torch.device("cuda", context.local_rank)
+    if torch_device.type == "cpu":
+        configure_threads()
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
+    output = fold_folder(location, config.name, arch, fold)
+    log_file = output / "log.txt"
+
+    def say(message: str) -> None:
+        if context.is_main:
+            log.info(message)
+            append_log(log_file, message)
+
+    if context.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / "plans.json", plans.to_json())
+        write_json(output / "environment.json", _environment(torch_device, context))
+    seed_everything(seed + context.rank)
+
+    network = build_network(plans, config)
+    info_selfreg = None
+    if selfreg:
+        from autoseg import networks
+
+        if not networks.get(arch).supports_selfreg:
+            raise ConfigurationError(
+                f"--selfreg: architecture '{arch}' does not expose its decoder features; use it with a U-Net "
+                f"that does ({', '.join(n for n in networks.available() if networks.get(n).supports_selfreg)})"
+            )
+        from autoseg.networks.selfreg import selfreg_loss
+
+        info_selfreg = selfreg_loss
+    if pretrained is not None and not continue_training:
+        _load_pretrained(network, pretrained)
+    network.to(torch_device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=INITIAL_LR, momentum=MOMENTUM, nesterov=True,
+                                weight_decay=WEIGHT_DECAY)
+    state = TrainingState()
+    if continue_training:
+        state = _resume(output, network, optimizer, say)
+    dtype = amp_dtype(torch_device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    model: nn.Module = network
+    if context.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            network, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
+        )
+    if compile_network:
+        model = torch.compile(model)
+
+    # data: enlarged patches -> augmentation -> centre crop; deep-supervision targets at the network's scales
+    dims = config.dims
+    deep = bool(config.architecture.deep_supervision)
+    ds_scales = list(getattr(network, "ds_scales", [(1.0,) * dims])) if deep else [(1.0,) * dims]
+    ds_weights = list(getattr(network, "ds_weights", deep_supervision_weights(len(ds_scales)))) if deep else [1.0]
+    settings = augmentation_settings(config.patch_size)
+    batch_size = distributed.split_batch(config.batch_size, context)
+    workers = DEFAULT_WORKERS if num_workers is None else int(num_workers)
+    train_sampler = PatchSampler(store, distributed.shard(train_ids, context),
+                                 sample_size_for(config.patch_size, settings), batch_size, dims)
+    train_loader = BatchLoader(train_sampler, training_transforms(config.patch_size, settings, ds_scales),
+                               num_workers=workers, seed=_epoch_seed(seed, 10**6, context.rank),
+                               pin_memory=torch_device.type == "cuda")
+    val_sampler = PatchSampler(store, distributed.shard(val_ids, context), config.patch_size, batch_size, dims)
+    val_transforms = validation_transforms(ds_scales)
+    batch_dice = dims == 2  # reference: batch Dice for 2D configurations
+    class_names = [name for name, value in sorted(plans.labels.items(), key=lambda kv: kv[1]) if value > 0]
+
+    budget_desc = f", time budget {format_duration(budget_s)}" if budget_s else ""
+    say(f"training {location.name} {config.name} ({arch}) fold {fold}: {len(train_ids)} train / {len(val_ids)} val "
+        f"cases, patch {config.patch_size}, batch {config.batch_size}, {total_epochs or 'unlimited'} epochs x "
+        f"{iterations} iterations, device {torch_device}{', AMP ' + str(dtype) if dtype else ''}"
+        f"{budget_desc}, world size {context.world_size}")
+    validation_estimate = _ValidationEstimate(store, val_ids, config, validate, budget_s)
+    last_save = time.monotonic()
+    stop_reason = None
+
+    def elapsed() -> float:
+        return state.elapsed_s + (time.monotonic() - session_start)
+
+    def budget_left() -> float:
+        return math.inf if not budget_s else budget_s - validation_estimate.reserve(state) - elapsed()
+
+    try:
+        while True:
+            if total_epochs is not None and state.epoch >= total_epochs:
+                break
+            if distributed.broadcast_flag(budget_left() <= 0, context, torch_device):
+                stop_reason = "time budget"
+                break
+            epoch = state.epoch
+            epoch_start = time.monotonic()
+            seed_everything(_epoch_seed(seed, epoch, context.rank, 1))
+            train_loader.reseed(np.random.default_rng(_epoch_seed(seed, epoch, context.rank, 2)))
+            model.train()
+            losses = []
+            lr = INITIAL_LR
+            for iteration in range(iterations):
+                if budget_s and iteration and distributed.broadcast_flag(budget_left() <= 0, context, torch_device):
+                    stop_reason = "time budget"
+                    break
+                progress = training_progress(epoch, total_epochs, elapsed() if budget_s else None, budget_s)
+                lr = poly_lr(INITIAL_LR, progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = next(train_loader)
+                loss = _train_step(model, optimizer, scaler, batch, torch_device, dtype, ds_weights, batch_dice,
+                                   info_selfreg, epoch, iteration, output)
+                losses.append(loss)
+            val_loss, dice = _validate_epoch(model, val_sampler, val_transforms, val_iterations, torch_device, dtype,
+                                             ds_weights, batch_dice, plans.num_classes, context,
+                                             np.random.default_rng(_epoch_seed(seed, epoch, context.rank, 3)), state)
+            train_loss = float(np.mean(losses)) if losses else float("nan")
+            if context.enabled:
+                pair = distributed.all_reduce_sum(torch.tensor([train_loss, val_loss], device=torch_device), context)
+                train_loss, val_loss = (pair / context.world_size).tolist()
+            mean_dice = _finite_mean(dice)
+            state.ema = mean_dice if state.ema is None else EMA_DECAY * state.ema + (1 - EMA_DECAY) * mean_dice
+            state.epoch = epoch + 1
+            state.curves.append(state.epoch, train_loss, val_loss, dice, lr, time.monotonic() - epoch_start, state.ema)
+            if context.is_main:
+                _after_epoch(output, state, network, optimizer, plans, config, fold, location.name, selfreg, seed,
+                             total_epochs, iterations, budget_s, class_names, say, elapsed)
+                if state.ema > state.best_ema:
+                    state.best_ema = state.ema
+                    _save(output / BEST, network, optimizer, state, plans, config, fold, location.name, selfreg,
+                          seed, total_epochs, iterations, budget_s, elapsed())
+                    say(f"new best EMA pseudo-Dice {state.ema:.4f}: {BEST}")
+                if state.epoch % max(1, checkpoint_every) == 0 or time.monotonic() - last_save >= checkpoint_interval_s:
+                    _save(output / LATEST, network, optimizer, state, plans, config, fold, location.name, selfreg,
+                          seed, total_epochs, iterations, budget_s, elapsed())
+                    last_save = time.monotonic()
+            if on_epoch_end is not None:
+                on_epoch_end(state.epoch, state.curves)
+            if stop_reason:
+                break
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(
+            f"{output}: the GPU ran out of memory with patch {config.patch_size} and batch {config.batch_size}; "
+            f"re-plan with a smaller budget (`autoseg plan {location.name} --gpu-memory <GB below your GPU's>`) "
+            "and train again"
+        ) from exc
+    finally:
+        train_loader.close()
+
+    if stop_reason:
+        say(f"stopping after epoch {state.epoch}: {stop_reason} ({format_duration(elapsed())} used of "
+            f"{format_duration(budget_s or 0)})")
+    if context.is_main:
+        for name in (FINAL, LATEST):
+            _save(output / name, network, optimizer, state, plans, config, fold, location.name, selfreg, seed,
+                  total_epochs, iterations, budget_s, elapsed())
+        say(f"training done: {state.epoch} epochs in {format_duration(elapsed())}; {FINAL} written")
+        if validate:
+            mirror = validation_estimate.use_mirroring(state, budget_s, elapsed())
+            _final_validation(output, location, plans, config, store, val_ids, torch_device, mirror, say)
+        say(f"total time {format_duration(elapsed())}")
+        _record_elapsed(output, elapsed(), budget_s)
+    distributed.barrier(context)
+    distributed.shutdown(context)
+    return output
+
+
+def _train_step(model, optimizer, scaler, batch, device, dtype, ds_weights, batch_dice, selfreg_fn, epoch,
+                iteration, output) -> float:
+    data = batch["data"].to(device, non_blocking=True)
+    targets = _targets_to(device, batch["target"])
+    if not torch.isfinite(data).all():
+        raise TrainingError(
+            f"{output}: the training batch of epoch {epoch} iteration {iteration} contains NaN/Inf intensities "
+            f"(cases {', '.join(batch.get('keys', []))}); re-run `autoseg preprocess` for them; the last good "
+            f"checkpoint ({LATEST}) is kept"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, dtype):
+        if selfreg_fn is not None:
+            outputs, features = model(data, return_features=True)
+        else:
+            outputs = model(data)
+        loss = deep_supervision_loss(outputs, targets, batch_dice, ds_weights)
+        if selfreg_fn is not None:
+            loss = loss + selfreg_fn(features)
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{output}: the loss became {loss.item()} at epoch {epoch} iteration {iteration}; training stopped and "
+            f"the last good checkpoint ({LATEST}) is kept. Check the preprocessed data, or resume with --continue "
+            "(a different random stream often avoids a rare instability)"
+        )
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
+        optimizer.step()
+    return float(loss.detach())
+
+
+def _validate_epoch(model, sampler, transforms, iterations, device, dtype, ds_weights, batch_dice, num_classes,
+                    context, rng, state) -> tuple[float, list[float]]:
+    """Loss and pseudo-Dice on random validation patches (no augmentation); also measures the forward time
+    per patch, which sizes the time reserved for the final validation under --time-budget."""
+    model.eval()
+    losses, counts = [], torch.zeros(3, num_classes - 1, dtype=torch.float64, device=device)
+    forward_time, patches = 0.0, 0
+    with torch.no_grad():
+        for _ in range(iterations):
+            batch = transforms(**sampler.sample_batch(rng))
+            data = torch.from_numpy(batch["data"]).to(device)
+            targets = [torch.from_numpy(t).to(device) for t in batch["target"]]
+            start = time.monotonic()
+            with _autocast(device, dtype):
+                outputs = model(data)
+            forward_time += time.monotonic() - start
+            patches += data.shape[0]
+            losses.append(float(deep_supervision_loss(outputs, targets, batch_dice, ds_weights)))
+            first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+            counts += pseudo_dice_counts(first, targets[0], num_classes)
+    distributed.all_reduce_sum(counts, context)
+    if patches:
+        state.seconds_per_patch = forward_time / patches
+    return float(np.mean(losses)), dice_from_counts(counts)
+
+
+# ------------------------------------------------------------------------------------- checkpoints/state
+def _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations, budget_s, elapsed_s):
+    return {
+        "dataset_name": dataset_name, "configuration": asdict(config), "plans": plans.to_json(), "fold": fold,
+        "epoch": state.epoch, "architecture": config.architecture.name, "in_channels": plans.num_channels,
+        "num_classes": plans.num_classes, "selfreg": bool(selfreg), "curves": state.curves.to_json(),
+        "ema_pseudo_dice": state.ema, "best_ema_pseudo_dice": state.best_ema, "elapsed_s": float(elapsed_s),
+        "seconds_per_patch": state.seconds_per_patch, "seed": seed, "epochs": epochs,
+        "iterations_per_epoch": iterations, "time_budget_s": budget_s,
+    }
+
+
+def _save(path, network, optimizer, state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations,
+          budget_s, elapsed_s) -> None:
+    metadata = _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations, budget_s,
+                         elapsed_s)
+    scheduler = {"kind": "poly", "initial_lr": INITIAL_LR, "exponent": 0.9, "epochs": epochs,
+                 "time_budget_s": budget_s, "elapsed_s": float(elapsed_s)}
+    save_checkpoint(make_checkpoint(network.state_dict(), metadata, optimizer.state_dict(), scheduler,
+                                    capture_rng_state()), path)
+
+
+def _resume(output: Path, network: nn.Module, optimizer, say) -> TrainingState:
+    """Load checkpoint_latest.pt (else final) into network/optimiser; a missing one starts fresh with a
+    warning (a resubmitted cluster job may not have saved yet), a corrupted one is an error."""
+    for name in (LATEST, FINAL):
+        path = output / name
+        if path.is_file():
+            break
+    else:
+        say(f"--continue: no {LATEST} in {output}; starting from scratch")
+        return TrainingState()
+    checkpoint = load_checkpoint(path)
+    try:
+        network.load_state_dict(checkpoint["network"])
+        if checkpoint.get("optimizer"):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: its weights do not fit this configuration's network ({str(exc).splitlines()[0][:200]}); "
+            "it belongs to another plan: delete the fold folder to retrain, or train without --continue"
+        ) from exc
+    if checkpoint.get("rng"):
+        restore_rng_state(checkpoint["rng"])
+    metadata = checkpoint["metadata"]
+    state = TrainingState(
+        epoch=int(metadata.get("epoch", 0)), curves=Curves.from_json(metadata.get("curves", {})),
+        ema=metadata.get("ema_pseudo_dice"), best_ema=float(metadata.get("best_ema_pseudo_dice", -1.0)),
+        elapsed_s=float(metadata.get("elapsed_s", 0.0)), seconds_per_patch=metadata.get("seconds_per_patch"),
+    )
+    say(f"resumed from {path.name}: epoch {state.epoch}, {format_duration(state.elapsed_s)} of training time used")
+    return state
+
+
+def _after_epoch(output, state, network, optimizer, plans, config, fold, dataset_name, selfreg, seed, epochs,
+                 iterations, budget_s, class_names, say, elapsed) -> None:
+    curves = state.curves
+    if budget_s:
+        eta = format_duration(max(0.0, budget_s - elapsed()))
+    elif epochs:
+        recent = curves.epoch_time[-5:]
+        eta = format_duration(float(np.mean(recent)) * (epochs - state.epoch))
+    else:
+        eta = "?"
+    say(epoch_line(state.epoch, epochs, curves, class_names, eta))
+    write_curves(curves, output / "training_log.json")
+    try:
+        plot_progress(curves, output / "progress.png", class_names)
+    except Exception as exc:  # a plotting failure must never stop training
+        log.warning("could not draw progress.png: %s", exc)
+
+
+def _record_elapsed(output: Path, elapsed_s: float, budget_s: float | None) -> None:
+    write_json(output / "timing.json", {"elapsed_s": float(elapsed_s), "time_budget_s": budget_s})
+
+
+# ------------------------------------------------------------------------------------ final validation
+class _ValidationEstimate:
+    """How much of a --time-budget to keep for the final checkpoint and the validation prediction.
+
+    Estimate = number of sliding windows (step 0.5) over the validation cases x measured forward time per
+    patch x mirror passes (2^dims), x 1.5 for resampling/writing, + 2 s per case. Mirroring is dropped when
+    it would take more than a quarter of the budget; before the first measurement 10 % of the budget is kept.
+    """
+
+    def __init__(self, store: Path, val_ids: list[str], config: Configuration, validate: bool,
+                 budget_s: float | None) -> None:
+        self.validate, self.budget_s, self.dims = validate, budget_s, config.dims
+        self.windows = 0
+        if validate and budget_s:
+            from autoseg.preprocessing.store import load_properties
+
+            for case_id in val_ids:
+                shape = load_properties(store, case_id).shape_after_resampling
+                spatial = shape[-config.dims:]
+                count = int(np.prod([max(1, math.ceil((max(s, p) - p) / (p * 0.5)) + 1)
+                                     for s, p in zip(spatial, config.patch_size)]))
+                if config.dims == 2:
+                    count *= int(shape[0])
+                self.windows += count
+        self.cases = len(val_ids)
+
+    def _seconds(self, state: TrainingState, mirror: bool) -> float | None:
+        if state.seconds_per_patch is None:
+            return None
+        passes = 2**self.dims if mirror else 1
+        return self.windows * state.seconds_per_patch * passes * 1.5 + 2.0 * self.cases
+
+    def use_mirroring(self, state: TrainingState, budget_s: float | None, elapsed_s: float) -> bool:
+        if not budget_s:
+            return True
+        seconds = self._seconds(state, True)
+        return seconds is not None and seconds <= 0.25 * budget_s and seconds <= budget_s - elapsed_s
+
+    def reserve(self, state: TrainingState) -> float:
+        if not self.budget_s:
+            return 0.0
+        checkpoint_time = 1.0 + 0.01 * self.budget_s
+        if not self.validate:
+            return checkpoint_time
+        measured = self._seconds(state, self.use_mirroring(state, self.budget_s, 0.0))
+        if measured is None:
+            return 0.1 * self.budget_s
+        # one validation phase per epoch also runs after the stop decision: keep the last epoch's worth
+        epoch_tail = state.curves.epoch_time[-1] * VALIDATION_FRACTION if state.curves.epoch_time else 0.0
+        return min(0.5 * self.budget_s, measured + checkpoint_time + epoch_tail)
+
+
+def _final_validation(output, location, plans, config, store, val_ids, device, mirror, say) -> None:
+    """Predict each validation case from the store with the final checkpoint, write it in the original
+    geometry with its probabilities, and evaluate against raw labelsTr. Glue around inference/evaluation."""
+    from autoseg.inference import Predictor
+    from autoseg.io import write_segmentation
+    from autoseg.preprocessing import restore_probabilities
+    from autoseg.preprocessing.store import load_case
+
+    validation = output / "validation"
+    validation.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.from_checkpoints([output / FINAL], device=device, mirror=mirror)
+    label_values = np.array([v for _, v in sorted(plans.labels.items(), key=lambda kv: kv[1])])
+    start = time.monotonic()
+    for case_id in val_ids:
+        data, _, properties = load_case(store, case_id)
+        probabilities = predictor.predict_preprocessed(np.asarray(data))
+        restored = restore_probabilities(probabilities, properties, config)
+        segmentation = label_values[np.argmax(restored, axis=0)].astype(np.uint8)
+        write_segmentation(segmentation, properties.geometry, validation / f"{case_id}{plans.file_ending}")
+        with atomic_path(validation / f"{case_id}.npz", suffix=".npz") as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, probabilities=restored.astype(np.float16))
+    say(f"validation: {len(val_ids)} case(s) predicted in {format_duration(time.monotonic() - start)}"
+        f"{'' if mirror else ' (mirroring off to fit the time budget)'}")
+    reference = location.raw / "labelsTr"
+    if not reference.is_dir():
+        say(f"validation: {reference} not found; metrics skipped (run `autoseg evaluate` once labels are there)")
+        return
+    from autoseg.evaluation import evaluate_folders
+
+    summary = evaluate_folders(validation, reference, file_ending=plans.file_ending, case_ids=val_ids)
+    mean = getattr(summary, "mean", None)
+    say(f"validation metrics: {json.dumps(mean, default=str)[:500]}")
