@@ -186,6 +186,9 @@ class Predictor:
         self.amp = amp_dtype(self.device)
         self.sources = [Path(s) for s in sources]
         self.networks = [network.to(self.device).eval() for network in networks]
+        # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
+        # extra one-hot input channels; set by from_folder, or by hand when building from checkpoints
+        self.previous_stage: Predictor | None = None
 
     # ---------------------------------------------------------------------------------- construction
     @classmethod
@@ -254,8 +257,17 @@ class Predictor:
         folder = model_folder(dataset, configuration, root=root, architecture=architecture)
         paths = find_fold_checkpoints(folder, folds, checkpoint)
         log.info("model %s, folds %s", folder, ", ".join(str(_fold_of(p)) for p in paths))
-        return cls.from_checkpoints(paths, device=device, step_size=step_size, mirror=mirror,
-                                    window_batch_size=window_batch_size)
+        predictor = cls.from_checkpoints(paths, device=device, step_size=step_size, mirror=mirror,
+                                         window_batch_size=window_batch_size)
+        previous = predictor.configuration.previous_stage
+        if previous:
+            # the low-resolution stage uses all of its own trained folds (nnU-Net predicts it the same way)
+            log.info("cascade: predicting %s first", previous)
+            predictor.previous_stage = cls.from_folder(
+                dataset, previous, folds=None, root=root, checkpoint=checkpoint, device=predictor.device,
+                step_size=step_size, mirror=mirror, window_batch_size=window_batch_size,
+            )
+        return predictor
 
     # ------------------------------------------------------------------------------------ prediction
     @property
@@ -305,22 +317,45 @@ class Predictor:
                 "predict 2D images with a 2D configuration (-c 2d) or give the 3D volume"
             )
 
-    def preprocess(self, image: np.ndarray, geometry: Geometry, case_id: str = "") -> tuple[np.ndarray, Any]:
-        """``(data [C, Z, Y, X], CaseProperties)`` through the training code path."""
+    def preprocess(
+        self, image: np.ndarray, geometry: Geometry, case_id: str = "", previous_segmentation: np.ndarray | None = None
+    ) -> tuple[np.ndarray, Any]:
+        """``(data [C', Z, Y, X], CaseProperties)`` through the training code path.
+
+        Cascade configurations (``configuration.previous_stage``) get the previous stage's segmentation
+        (original grid, ``[(Z,) Y, X]``; predicted here when not given) resampled like a label and appended as
+        one one-hot channel per foreground label, so ``C' = C + num_classes - 1``.
+        """
         preprocess_case, _, _ = preprocessing_functions()
-        data, _, properties = preprocess_case(image, geometry, self.plans, self.configuration, case_id=case_id)
-        return data, properties
+        if not self.configuration.previous_stage:
+            data, _, properties = preprocess_case(image, geometry, self.plans, self.configuration, case_id=case_id)
+            return data, properties
+        if previous_segmentation is None:
+            if self.previous_stage is None:
+                raise ConfigurationError(
+                    f"configuration '{self.configuration.name}' is a cascade stage after "
+                    f"'{self.configuration.previous_stage}', but no model of that stage is loaded; load with "
+                    "Predictor.from_folder or set predictor.previous_stage"
+                )
+            previous_segmentation, _ = self.previous_stage.predict_array(image, geometry)
+        data, label, properties = preprocess_case(
+            image, geometry, self.plans, self.configuration, label=previous_segmentation, case_id=case_id
+        )
+        return np.concatenate([data, foreground_one_hot(label[0], self.num_classes)], axis=0), properties
 
     def restore(self, probabilities: np.ndarray, properties: Any) -> np.ndarray:
         """Probabilities ``[K, Z, Y, X]`` of the preprocessed grid -> float32 ``[K, *original shape]``."""
         _, restore_probabilities, _ = preprocessing_functions()
         return restore_probabilities(probabilities, properties, self.configuration)
 
-    def predict_array(self, image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    def predict_array(
+        self, image: np.ndarray, geometry: Geometry, previous_segmentation: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(segmentation [*geometry.shape] uint8/uint16, probabilities float32 [K, *geometry.shape])`` for a raw
-        image ``[C, (Z,) Y, X]`` with its geometry (as returned by ``autoseg.io.read_image``)."""
+        image ``[C, (Z,) Y, X]`` with its geometry (as returned by ``autoseg.io.read_image``).
+        ``previous_segmentation``: cascade only, the previous stage's result on the same grid."""
         self.check_image(image, geometry)
-        data, properties = self.preprocess(image, geometry)
+        data, properties = self.preprocess(image, geometry, previous_segmentation=previous_segmentation)
         probabilities = self.restore(self.predict_preprocessed(data), properties)
         return probabilities_to_segmentation(probabilities), probabilities
 
@@ -331,6 +366,15 @@ class Predictor:
         self.check_image(image, geometry, name=str(first))
         segmentation, probabilities = self.predict_array(image, geometry)
         return segmentation, probabilities, geometry
+
+
+def foreground_one_hot(segmentation: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[Z, Y, X]`` label map -> float32 ``[num_classes - 1, Z, Y, X]``, channel ``k - 1`` = (label == k).
+
+    The cascade's extra inputs: background gets no channel (nnU-Net's convention for the previous stage).
+    """
+    labels = np.arange(1, num_classes).reshape((-1,) + (1,) * segmentation.ndim)
+    return (segmentation[None] == labels).astype(np.float32)
 
 
 def probabilities_to_segmentation(probabilities: np.ndarray) -> np.ndarray:

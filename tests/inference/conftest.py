@@ -93,7 +93,9 @@ def identity_preprocess_case(image: np.ndarray, geometry: Geometry, plans: Plans
         bbox=[[0, s] for s in shape], shape_after_crop=shape, spacing_after_resampling=spacing,
         shape_after_resampling=shape,
     )
-    return np.ascontiguousarray(data, dtype=np.float32), None, properties
+    if label is not None:
+        label = np.asarray(label).reshape((1, *shape)).astype(np.int8)
+    return np.ascontiguousarray(data, dtype=np.float32), label, properties
 
 
 def identity_restore_probabilities(probabilities: np.ndarray, properties: CaseProperties,

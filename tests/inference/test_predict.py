@@ -254,3 +254,33 @@ def test_postprocessing_json_applied_when_present(tmp_path: Path, identity_prepr
     expected = _expected_threshold(values)
     expected[2:4, 12:14, 15:18] = 0
     np.testing.assert_array_equal(processed, expected)
+
+
+class EchoPreviousStage(nn.Module):
+    """Cascade network whose logits are the one-hot previous-stage channels (with a zero background)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == 1 + 2  # one image channel + one-hot of the 2 foreground labels
+        return torch.cat([torch.full_like(x[:, :1], 0.5), x[:, 1:]], dim=1) * 10
+
+
+def test_cascade_feeds_previous_stage_as_one_hot(tmp_path: Path, identity_preprocessing: None) -> None:
+    from autoseg.inference.predictor import foreground_one_hot
+
+    np.testing.assert_array_equal(foreground_one_hot(np.array([[0, 1, 2]]), 3),
+                                  [[[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]])
+    low = make_plans(3, spacing=(2.0, 1.0, 1.0), name="3d_lowres")
+    cascade_plans = make_plans(3, spacing=(2.0, 1.0, 1.0), name="3d_cascade_fullres")
+    cascade_plans.configurations["3d_cascade_fullres"].previous_stage = "3d_lowres"
+    cascade = Predictor([EchoPreviousStage()], cascade_plans, cascade_plans.configurations["3d_cascade_fullres"],
+                        in_channels=3, device="cpu")
+    cascade.previous_stage = _predictor(low, [ThresholdNetwork()])
+    values = _write_known_image(tmp_path / "in" / "c_0000.nii.gz", (5, 12, 20), (2.0, 1.0, 1.0))
+    report = predict(tmp_path / "in", tmp_path / "out", "x", "3d_cascade_fullres", predictor=cascade)
+    assert report.ok, report.failures
+    segmentation, _ = read_segmentation(tmp_path / "out" / "c.nii.gz")
+    np.testing.assert_array_equal(segmentation, _expected_threshold(values))
+    # without a previous-stage model the cascade says what is missing
+    cascade.previous_stage = None
+    report = predict(tmp_path / "in", tmp_path / "out2", "x", "3d_cascade_fullres", predictor=cascade)
+    assert not report.ok and "3d_lowres" in report.failures[0][1]
