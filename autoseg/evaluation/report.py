@@ -204,7 +204,7 @@ table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #bbb; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 tr.best { background: #e6f4e6; font-weight: bold; }
-pre { background: #f4f4f4; padding: 0.8em; overflow-x: auto; }
+pre { background: #f4f4f4; padding: 0.8em; white-space: pre-wrap; word-break: break-all; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 """
 
