@@ -1,0 +1,114 @@
+"""Planning: fingerprint the raw dataset, decide every configuration (plans.json), make the folds.
+
+``plan_dataset`` is what ``autoseg plan`` runs: verify -> fingerprint.json -> plans.json -> splits.json ->
+a table of the configurations -> preprocessing of the default configurations. docs/planning.md explains
+each rule and how to override it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from autoseg.errors import DatasetError, PreprocessingError
+from autoseg.planning.fingerprint import (
+    FINGERPRINT_FILE,
+    Fingerprint,
+    extract_fingerprint,
+    load_fingerprint,
+    save_fingerprint,
+)
+from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
+from autoseg.planning.plans import PLANS_FILE, Plans, load_plans, save_plans
+from autoseg.planning.splits import create_splits, fold_cases, load_splits
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Fingerprint",
+    "Plans",
+    "extract_fingerprint",
+    "fold_cases",
+    "format_plans_table",
+    "load_fingerprint",
+    "load_plans",
+    "load_splits",
+    "plan_dataset",
+    "plan_from_fingerprint",
+]
+
+
+def _verify(raw: Path, num_workers: int) -> None:
+    from autoseg.dataset.verify import verify_dataset
+
+    report = verify_dataset(raw, num_workers=num_workers)
+    if not report.ok:
+        raise DatasetError(
+            f"{raw}: the dataset does not verify, so it cannot be planned; fix the problems below (or pass "
+            f"--skip-verify to plan anyway):\n{report.format()}"
+        )
+
+
+def plan_dataset(
+    dataset: str | int,
+    root: str | os.PathLike | None = None,
+    gpu_memory_gb: float = 8.0,
+    configurations: Sequence[str] | None = None,
+    architectures: Sequence[str] | None = None,
+    patch_size: Sequence[int] | None = None,
+    num_workers: int = 2,
+    preprocess: bool = True,
+    skip_verify: bool = False,
+    show_summary: bool = True,
+) -> Plans:
+    """Plan ``dataset`` (folder name, number or name) and write, under ``preprocessed/<dataset>/``,
+    ``fingerprint.json``, ``plans.json`` and (once) ``splits.json``; then preprocess the default
+    configurations unless ``preprocess=False``.
+
+    ``configurations``: base configurations to plan (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres);
+    ``architectures``: registry names (default: all that apply); ``patch_size``: force the patch of every
+    configuration with as many axes; ``show_summary``: print the table of configurations.
+    """
+    from autoseg.paths import resolve_dataset
+
+    location = resolve_dataset(dataset, root)
+    if not location.raw.is_dir():
+        raise DatasetError(
+            f"{location.raw}: no raw dataset folder; planning reads the raw images (put the dataset under raw/)"
+        )
+    if not skip_verify:
+        _verify(location.raw, num_workers)
+    fingerprint = extract_fingerprint(location.raw, num_workers=num_workers)
+    fingerprint.dataset_name = location.name
+    location.preprocessed.mkdir(parents=True, exist_ok=True)
+    save_fingerprint(fingerprint, location.preprocessed / FINGERPRINT_FILE)
+
+    plans = plan_from_fingerprint(
+        fingerprint, gpu_memory_gb=gpu_memory_gb, configurations=configurations,
+        architectures=architectures, patch_size=patch_size,
+    )
+    save_plans(plans, location.preprocessed / PLANS_FILE)
+    create_splits(location.preprocessed, fingerprint.case_ids)
+    logger.info("wrote %s", location.preprocessed / PLANS_FILE)
+    if show_summary:
+        # a deliberate user-facing summary (the CLI's output)
+        print(f"plans for {location.name} ({location.preprocessed / PLANS_FILE}):")
+        print(format_plans_table(plans))
+
+    if preprocess:
+        from autoseg.preprocessing import preprocess_dataset
+
+        names = list(plans.default_configurations)
+        for name in list(names):
+            previous = plans.configurations[name].previous_stage
+            if previous and previous not in names:
+                names.append(previous)  # the cascade needs its low-resolution stage trained first
+        report = preprocess_dataset(location.name, configurations=names, root=root, num_workers=num_workers)
+        if not report.ok:
+            first_case, first_message = report.failures[0]
+            raise PreprocessingError(
+                f"{location.preprocessed}: {len(report.failures)} case(s) failed to preprocess (first: "
+                f"{first_case}: {first_message}); fix them and run `autoseg preprocess {location.name}`"
+            )
+    return plans
