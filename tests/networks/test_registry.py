@@ -70,3 +70,34 @@ def test_every_architecture_builds_on_meta_from_the_common_topology():
                 net = build(name, 1, 3, **dict(plan, patch_size=patch))
                 outputs = net(torch.zeros(1, 1, *patch))
             assert outputs[0].shape == (1, 3, *patch), name
+
+
+AMP_CASES = [
+    ("unet", TINY_3D, {}),
+    ("unetpp", TINY_3D, {}),
+    ("unet2022", dict(TINY_3D, patch_size=(128, 128)), dict(embed_dim=32, stem=8, windows=[4, 4, 4, 2])),
+    ("unetrpp", dict(TINY_3D, patch_size=(8, 32, 32)),
+     dict(stem_stride=(1, 2, 2), stage_strides=[(1, 2, 2)] * 3)),
+]
+
+
+@pytest.mark.parametrize("name, plan, options", AMP_CASES, ids=[c[0] for c in AMP_CASES])
+def test_every_architecture_runs_under_autocast(name, plan, options):
+    # AMP safety: mixed dtypes inside attention (fp32 temperatures/biases vs bf16 activations) must not clash
+    dims = len(plan["patch_size"])
+    plan = dict(plan, strides=[[1] * dims, [2] * dims], kernel_sizes=[[3] * dims] * 2, features=[4, 8])
+    net = build(name, 1, 2, **plan, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = net(torch.randn(1, 1, *plan["patch_size"]))
+    assert outputs[0].dtype == torch.bfloat16 and torch.isfinite(outputs[0].float()).all()
+    sum(o.float().mean() for o in outputs).backward()
+
+
+def test_unet_compiles_without_graph_breaks():
+    # torch.compile-ability: one full graph (aot_eager needs no C++ toolchain; the other architectures pass the
+    # same check, see docs/architectures.md, but take 20-70 s each on 2 CPU cores)
+    net = build("unet", 1, 2, **TINY_3D).eval()
+    x = torch.randn(1, 1, *TINY_3D["patch_size"])
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x)[0], net(x)[0])

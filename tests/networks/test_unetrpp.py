@@ -7,16 +7,16 @@ from autoseg.networks.summary import count_parameters
 from autoseg.networks.unetrpp import map_topology
 
 IGNORED = dict(strides=[[1, 1, 1], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 2, features=[32, 64])
-# a small anisotropic plan: stem (1, 2, 2), the coarse axis halved only at the last stage
-TINY = dict(patch_size=(16, 32, 32), stem_stride=(1, 2, 2), stage_strides=[(1, 2, 2), (1, 2, 2), (2, 2, 2)])
+# a small anisotropic plan: stem (1, 2, 2), the coarse axis never halved (stage shapes 8x16x16 .. 8x2x2)
+TINY = dict(patch_size=(8, 32, 32), stem_stride=(1, 2, 2), stage_strides=[(1, 2, 2)] * 3)
 
 
 @pytest.mark.parametrize("variant", ["synapse", "acdc", "brats"])
 def test_forward_backward_tiny_anisotropic(variant):
     net = build("unetrpp", 2, 3, variant=variant, **TINY, **IGNORED).train()
-    outputs = net(torch.randn(1, 2, 16, 32, 32))
+    outputs = net(torch.randn(1, 2, 8, 32, 32))
     # heads on the 16- (full), 32- (P / stem) and 64-channel (P / (stem * first stage stride)) maps
-    assert [tuple(o.shape) for o in outputs] == [(1, 3, 16, 32, 32), (1, 3, 16, 16, 16), (1, 3, 16, 8, 8)]
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 8, 32, 32), (1, 3, 8, 16, 16), (1, 3, 8, 8, 8)]
     assert net.ds_scales == [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (1.0, 0.25, 0.25)]
     assert net.ds_weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
     sum(o.pow(2).mean() for o in outputs).backward()
@@ -26,8 +26,8 @@ def test_forward_backward_tiny_anisotropic(variant):
 def test_fixed_patch_size_is_enforced_with_a_clear_message():
     net = build("unetrpp", 1, 2, deep_supervision=False, **TINY, **IGNORED)
     assert get("unetrpp").fixed_patch_size
-    with pytest.raises(ValueError, match=r"built for patch \(16, 32, 32\).*training patch"):
-        net(torch.randn(1, 1, 16, 64, 32))
+    with pytest.raises(ValueError, match=r"built for patch \(8, 32, 32\).*training patch"):
+        net(torch.randn(1, 1, 8, 64, 32))
 
 
 def test_faithful_order_differs_from_correct_order():
@@ -36,7 +36,7 @@ def test_faithful_order_differs_from_correct_order():
     b = build("unetrpp", 1, 2, faithful_sa_order=True, **TINY, **IGNORED).eval()
     b.load_state_dict(a.state_dict())
     attention_a, attention_b = a.encoder[1][0].attention, b.encoder[1][0].attention
-    tokens = torch.randn(1, 16 * 16 * 16 // 4, 64)
+    tokens = torch.randn(1, 8 * 8 * 8, 64)
     with torch.no_grad():
         assert not torch.allclose(attention_a(tokens), attention_b(tokens))
 
