@@ -326,8 +326,11 @@ def train(
 
     model: nn.Module = network
     if context.enabled:
+        # the lowest deep-supervision head has loss weight 0 (reference), so its parameters get no gradient:
+        # DDP must be told, or it waits for them forever
         model = nn.parallel.DistributedDataParallel(
-            network, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
+            network, device_ids=[torch_device.index] if torch_device.type == "cuda" else None,
+            find_unused_parameters=True,
         )
     if compile_network:
         model = torch.compile(model)
