@@ -655,7 +655,7 @@ def _final_validation(output, location, plans, config, store, val_ids, device, m
     start = time.monotonic()
     for case_id in val_ids:
         data, _, properties = load_case(store, case_id)
-        probabilities = predictor.predict_preprocessed(np.asarray(data))
+        probabilities = predictor.predict_preprocessed(np.array(data, dtype=np.float32))
         restored = restore_probabilities(probabilities, properties, config)
         segmentation = label_values[np.argmax(restored, axis=0)].astype(np.uint8)
         write_segmentation(segmentation, properties.geometry, validation / f"{case_id}{plans.file_ending}")

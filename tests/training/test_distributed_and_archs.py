@@ -50,7 +50,7 @@ def test_other_architectures_train(tmp_path, arch, dims):
     assert load_checkpoint(folder / "checkpoint_final.pt")["metadata"]["architecture"] == arch
 
 
-def test_selfreg_on_unet_and_refusal_elsewhere(tmp_path):
+def test_selfreg_on_unet(tmp_path):
     build_tiny_dataset(tmp_path, dims=2, num_cases=5)
     folder = train(DATASET, "2d", 0, root=tmp_path, epochs=1, iterations_per_epoch=2, selfreg=True, **FAST)
     assert load_checkpoint(folder / "checkpoint_final.pt")["metadata"]["selfreg"] is True

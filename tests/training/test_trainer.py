@@ -114,3 +114,30 @@ def test_nan_in_batch_stops_with_clear_message(tmp_path):
             np.save(path, array)
     with pytest.raises(TrainingError, match="NaN"):
         train(DATASET, "2d", 0, root=tmp_path, epochs=1, iterations_per_epoch=2, **FAST)
+
+
+def test_final_validation_writes_predictions_and_summary(tmp_path):
+    pytest.importorskip("autoseg.inference")
+    try:
+        from autoseg.evaluation import evaluate_folders  # noqa: F401
+        from autoseg.inference import Predictor  # noqa: F401
+        from autoseg.preprocessing import restore_probabilities  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"inference/evaluation not available yet: {exc}")
+    build_tiny_dataset(tmp_path, dims=2, num_cases=5)
+    folder = train(DATASET, "2d", 0, root=tmp_path, epochs=2, iterations_per_epoch=4, num_workers=0, device="cpu",
+                   validation_iterations=1, time_budget="40s")
+    validation = folder / "validation"
+    (case,) = ["case_000"]  # fold 0 of the tiny splits validates case_000
+    segmentation = validation / f"{case}.nii.gz"
+    assert segmentation.is_file()
+    from autoseg.io import read_segmentation
+
+    seg, geometry = read_segmentation(segmentation)
+    _, reference_geometry = read_segmentation(tmp_path / "raw" / DATASET / "labelsTr" / f"{case}.nii.gz")
+    assert seg.shape == tuple(reference_geometry.shape)
+    probabilities = np.load(validation / f"{case}.npz")["probabilities"]
+    assert probabilities.dtype == np.float16 and probabilities.shape == (3, *seg.shape)
+    assert np.allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=0.02)
+    assert (validation / "summary.json").is_file()
+    assert json.loads((folder / "timing.json").read_text())["elapsed_s"] <= 40.0
