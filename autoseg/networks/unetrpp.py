@@ -12,11 +12,15 @@ are sized by the token count of each stage, so a built network accepts only its 
 window inference must use that patch (section 3.6, authors' issues #48/#50). Parameters grow linearly with
 the patch volume.
 
-Mapping from the planner's topology (our choice, section 6.2): the total stride per axis ``T`` of the plain
-U-Net plan is kept; the stem takes ``max(1, T // 8)`` and the three later stages take the remaining halvings
-(an axis with fewer than 3 halvings left gets stride 1 in its *earliest* stages, the way nnU-Net pools a
-coarse axis later). For the paper's Synapse patch (64x128x128, T = (16, 32, 32)) this gives the paper's stem
-(2, 4, 4). Override with ``stem_stride`` / ``stage_strides``.
+Mapping from the planner's topology (our choice, section 6.2): every stem in the paper downsamples the
+in-plane axes by at least 4 (tokens at full resolution would make E/F and the positional embeddings huge:
+117 M parameters at a 44x56x48 patch), while a coarse through-plane axis may keep stride 1 (ACDC, Lung). So,
+with ``T`` the plain U-Net plan's total stride per axis, an axis the plan pools at its first downsampling
+stage ("fine" axis) gets a stem of ``max(T // 8, 4)`` and three 2x stages; a coarse axis gets a stem of
+``max(T // 8, 1)`` and the remaining halvings (up to 3) in its *last* stages, the way nnU-Net pools a coarse
+axis late. For the Synapse patch (64x128x128, T = (16, 32, 32)) this is the paper's stem (2, 4, 4) with 2x2x2
+stages. The patch divisor can exceed the plan's (SynthMR: (4, 8, 8) -> (4, 32, 32)); ``adjust_patch`` gives
+the nearest accepted patch. Override with ``stem_stride`` / ``stage_strides``.
 """
 from __future__ import annotations
 
@@ -74,13 +78,16 @@ def map_topology(
     if strides is None:
         return (4,) * dims, [(2,) * dims] * 3
     total = prod_per_axis(strides)
-    stem = tuple(max(1, t // 8) for t in total)
+    first = strides[1] if len(strides) > 1 else [1] * dims
+    stem: list[int] = []
     stages: list[list[int]] = [[1] * dims for _ in range(3)]
-    for axis, (t, s) in enumerate(zip(total, stem)):
-        halvings = int(round(math.log2(max(1, t // s))))
-        for k in range(min(3, halvings)):
+    for axis, t in enumerate(total):
+        fine = first[axis] == max(first) and max(first) > 1
+        stem.append(max(t // 8, 4 if fine else 1))
+        halvings = 3 if fine else min(3, int(round(math.log2(max(1, t // stem[-1])))))
+        for k in range(halvings):
             stages[2 - k][axis] = 2
-    return stem, [tuple(st) for st in stages]
+    return tuple(stem), [tuple(st) for st in stages]
 
 
 def stage_shapes(

@@ -66,8 +66,14 @@ def test_topology_mapping_from_the_plain_unet_plan():
     # nnU-Net-like plan for 64x128x128: total stride (16, 32, 32) -> the paper's Synapse stem (2, 4, 4)
     synapse_plan = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     assert map_topology(synapse_plan) == ((2, 4, 4), [(2, 2, 2)] * 3)
-    # SynthMR-like plan, total (4, 8, 8): stem 1, the coarse axis pooled at the two last stages
-    assert map_topology([[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]) == ((1, 1, 1), [(1, 2, 2), (2, 2, 2), (2, 2, 2)])
+    # SynthMR-like plan, total (4, 8, 8), first axis coarse: in-plane stem 4 as in every paper configuration,
+    # the coarse axis keeps stride 1 in the stem and is halved at the two last stages
+    synthmr_plan = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert map_topology(synthmr_plan) == ((1, 4, 4), [(1, 2, 2), (2, 2, 2), (2, 2, 2)])
+    assert patch_divisor("unetrpp", synthmr_plan, 3) == (4, 32, 32)
+    assert adjust_patch("unetrpp", (44, 56, 48), synthmr_plan, 3) == (44, 64, 64)
+    # isotropic plan (BraTS-like 128^3, five 2x2x2 pools): the paper's BraTS stem (4, 4, 4)
+    assert map_topology([[1, 1, 1]] + [[2, 2, 2]] * 5) == ((4, 4, 4), [(2, 2, 2)] * 3)
     assert patch_divisor("unetrpp", synapse_plan, 3) == (16, 32, 32)
 
 
