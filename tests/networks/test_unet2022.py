@@ -52,6 +52,22 @@ def test_published_parameter_count_and_shapes():
     assert [tuple(o.shape[1:]) for o in outputs] == [(9, 224, 224), (9, 112, 112), (9, 56, 56)]
 
 
+@pytest.mark.parametrize(
+    "patch, options, in_channels, classes, expected",
+    [  # the other repository configurations, architectures.md 2.9 [computed]
+        ((320, 320), dict(size="tiny"), 1, 9, 41_329_665),
+        ((224, 224), dict(size="large"), 1, 4, 163_080_024),
+        ((512, 512), dict(size="tiny", stem=8, windows=[16, 16, 16, 8]), 1, 2, 42_065_940),
+        ((512, 512), dict(size="tiny", stem=8, windows=[8, 8, 16, 8]), 3, 2, 42_026_628),
+    ],
+    ids=["synapse_320", "acdc_224", "em_512", "isic_512"],
+)
+def test_repository_configurations_parameter_counts(patch, options, in_channels, classes, expected):
+    with torch.device("meta"):
+        net = build("unet2022", in_channels, classes, patch, **options, **IGNORED)
+    assert count_parameters(net) == expected
+
+
 def test_constraints():
     assert constraints("unet2022", (224, 224), 2) == []
     problems = constraints("unet2022", (16, 224, 224), 3)

@@ -49,6 +49,7 @@ def test_faithful_order_differs_from_correct_order():
         ((128, 128, 128), "brats", (4, 4, 4), 4, 4, 42_647_604, None),
         ((16, 160, 160), "acdc", (1, 4, 4), 1, 4, 66_796_404,
          [(4, 16, 160, 160), (4, 16, 40, 40), (4, 8, 20, 20)]),
+        ((32, 192, 192), "lung", (1, 4, 4), 1, 2, 121_174_798, None),  # architectures.md 3.7 [computed]
     ],
 )
 def test_published_parameter_counts(patch, variant, stem, in_channels, classes, expected, shapes):
