@@ -34,6 +34,7 @@ patch to the nearest accepted one, so the planner can search patch sizes without
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -189,15 +190,21 @@ def adjust_patch(
     **options: Any,
 ) -> tuple[int, ...]:
     """The accepted patch nearest to ``patch_size``: each axis rounded to the nearest multiple of the divisor
-    (at least one multiple). If other constraints (token counts, windows) still fail, axes grow by one
-    divisor step at a time, at most 8 times; then ConfigurationError.
+    (at least one multiple). If other constraints (token counts, windows) still fail, the smallest-volume
+    patch that grows each axis by at most 4 divisor steps and is accepted is returned; else
+    ConfigurationError.
     """
     divisor = patch_divisor(name, strides, dims, **options)
-    patch = [max(d, int(round(p / d)) * d) for p, d in zip(patch_size, divisor)]
-    for _ in range(9):
-        if not constraints(name, patch, dims, strides=strides, **options):
-            return tuple(patch)
-        patch = [p + d for p, d in zip(patch, divisor)]
+    patch = tuple(max(d, int(round(p / d)) * d) for p, d in zip(patch_size, divisor))
+    if not constraints(name, patch, dims, strides=strides, **options):
+        return patch
+    candidates = sorted(
+        (tuple(p + k * d for p, k, d in zip(patch, steps, divisor)) for steps in itertools.product(range(5), repeat=dims)),
+        key=lambda c: (math.prod(c), max(c)),
+    )
+    for candidate in candidates:
+        if not constraints(name, candidate, dims, strides=strides, **options):
+            return candidate
     problems = constraints(name, patch, dims, strides=strides, **options)
     raise ConfigurationError(
         f"architecture {name!r}: no accepted patch near {tuple(patch_size)}: {'; '.join(problems)}"

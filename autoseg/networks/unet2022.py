@@ -87,6 +87,7 @@ class ParallelAttentionSubBlock(nn.Module):
         window: tuple[int, int],
         shift: tuple[int, int],
         drop_path: float,
+        size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if channels % heads:
@@ -107,6 +108,11 @@ class ParallelAttentionSubBlock(nn.Module):
         index = (offsets[0] + wy - 1) * (2 * wx - 1) + (offsets[1] + wx - 1)
         self.register_buffer("relative_index", index, persistent=False)
         self.drop_path = DropPath(drop_path)
+        # the shift mask depends only on the (padded) stage size: precompute it for the build patch
+        self.padded_size = None
+        if size is not None and any(shift):
+            self.padded_size = tuple(s + (-s) % w for s, w in zip(size, window))
+            self.register_buffer("shift_mask", self._shift_mask(*self.padded_size), persistent=False)
 
     def _partition(self, x: torch.Tensor) -> torch.Tensor:
         """``B, C, H, W`` (H, W multiples of the window) -> ``B * nW, wy * wx, C``."""
@@ -121,11 +127,11 @@ class ParallelAttentionSubBlock(nn.Module):
         x = x.reshape(b, h // wy, w // wx, wy, wx, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, h, w)
 
-    def _shift_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+    def _shift_mask(self, h: int, w: int) -> torch.Tensor:
         """-100 between tokens of a window that come from different regions of the rolled map (Swin)."""
         wy, wx = self.window
         sy, sx = self.shift
-        region = torch.zeros(h, w)
+        region = torch.zeros(h, w, device=self.relative_index.device)
         label = 0
         for ys in ((0, h - wy), (h - wy, h - sy), (h - sy, h)) if sy else ((0, h),):
             for xs in ((0, w - wx), (w - wx, w - sx), (w - sx, w)) if sx else ((0, w),):
@@ -133,7 +139,7 @@ class ParallelAttentionSubBlock(nn.Module):
                 label += 1
         windows = self._partition(region[None, None]).squeeze(-1)  # nW, N
         different = windows[:, :, None] != windows[:, None, :]
-        return (different.float() * -100.0).to(device)
+        return different.float() * -100.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -155,7 +161,9 @@ class ParallelAttentionSubBlock(nn.Module):
         mask = bias[None].to(qkv.dtype)  # 1, heads, N, N
         if shifted:
             n_windows = (hp // wy) * (wp // wx)
-            shift_mask = self._shift_mask(hp, wp, x.device).to(qkv.dtype)  # nW, N, N
+            # another input size than the build patch (allowed: the network is not size-bound) recomputes it
+            shift_mask = self.shift_mask if (hp, wp) == self.padded_size else self._shift_mask(hp, wp)
+            shift_mask = shift_mask.to(qkv.dtype)  # nW, N, N
             mask = (mask + shift_mask[:, None]).repeat(b, 1, 1, 1)  # B*nW, heads, N, N
             mask = mask.reshape(b * n_windows, self.heads, n, n)
         attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
@@ -172,10 +180,11 @@ class ParallelAttentionSubBlock(nn.Module):
 class UNet2022Block(nn.Sequential):
     """One block = sub-block (a) then sub-block (b), both with the same stochastic-depth rate (2.3)."""
 
-    def __init__(self, channels: int, heads: int, window: tuple[int, int], shift: tuple[int, int], drop_path: float):
+    def __init__(self, channels: int, heads: int, window: tuple[int, int], shift: tuple[int, int],
+                 drop_path: float, size: tuple[int, int] | None = None) -> None:
         super().__init__(
             ConvNeXtSubBlock(channels, drop_path),
-            ParallelAttentionSubBlock(channels, heads, window, shift, drop_path),
+            ParallelAttentionSubBlock(channels, heads, window, shift, drop_path, size),
         )
 
 
@@ -186,7 +195,7 @@ class UNet2022Stage(nn.Sequential):
                  drop_paths: Sequence[float]) -> None:
         clipped, shift = _clip(window, size)
         super().__init__(*[
-            UNet2022Block(channels, heads, clipped, shift if i % 2 else (0, 0), rate)
+            UNet2022Block(channels, heads, clipped, shift if i % 2 else (0, 0), rate, size)
             for i, rate in enumerate(drop_paths)
         ])
 

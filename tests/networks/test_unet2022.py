@@ -35,11 +35,31 @@ def test_window_attention_is_local():
     block = net.encoder[0][0][1]
     x = torch.randn(1, 32, 16, 16)
     y = x.clone()
-    y[:, :, 0, 0] += 1.0
+    # a perturbation that varies across channels (a constant one would vanish in the LayerNorm)
+    y[:, :, 0, 0] += 5.0 * torch.randn(32)
     with torch.no_grad():
         delta = (block(y) - block(x)).abs().sum(1)[0]
-    # the 7x7 depthwise conv reaches 3 pixels; attention only the 4x4 window: beyond both nothing changes
-    assert delta[:4, :4].sum() > 0 and delta[8:, :].sum() == 0 and delta[:, 8:].sum() == 0
+    # attention spreads it over the whole 4x4 window; the 7x7 depthwise conv reaches 3 pixels; beyond both
+    # nothing changes
+    assert (delta[:4, :4] > 1e-6).all() and delta[8:, :].sum() == 0 and delta[:, 8:].sum() == 0
+
+
+def test_shifted_window_mask_blocks_wrapped_neighbours():
+    # after the cyclic shift, pixel (0, 0) and pixel (15, 15) share the bottom-right window but come from
+    # opposite image corners: the -100 mask must keep them from attending to each other (Swin, section 2.3)
+    net = build("unet2022", 1, 2, (64, 64), embed_dim=32, windows=[4, 4, 4, 2], **IGNORED).eval()
+    block = net.encoder[0][1][1]
+    assert block.shift == (2, 2)
+    with torch.no_grad():
+        block.depthwise.weight.zero_()  # isolate the attention branch (the depthwise conv sees the rolled map)
+        block.depthwise.bias.zero_()
+        x = torch.randn(1, 32, 16, 16)
+        y = x.clone()
+        y[:, :, 15, 15] += 5.0 * torch.randn(32)  # varies across channels, so it survives the LayerNorm
+        changed = (block(y) - block(x)).abs().sum(1)[0] > 1e-6
+    # only the 2x2 corner region (its real neighbours) sees it; without the mask (0, 0), (0, 15), (15, 0)
+    # ... would change too
+    assert sorted(changed.nonzero().tolist()) == [[14, 14], [14, 15], [15, 14], [15, 15]]
 
 
 def test_published_parameter_count_and_shapes():

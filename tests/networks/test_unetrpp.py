@@ -87,3 +87,35 @@ def test_constraints_reject_invalid_patches():
     # adjust_patch grows the patch until token counts are sufficient
     patch = adjust_patch("unetrpp", (16, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4))
     assert constraints("unetrpp", patch, 3, stem_stride=(2, 4, 4)) == []
+
+
+def _reference_epa(attention, x):
+    """EPA written out from architectures.md 3.3 with explicit softmaxes, as an independent check."""
+    b, n, c = x.shape
+    h = attention.heads
+    d = c // h
+    q, k, v_c, v_s = attention.qkvv(x).reshape(b, n, 4, h, d).permute(2, 0, 3, 1, 4)  # each B,h,N,d
+    k_p = attention.project_keys(k.transpose(-2, -1))  # B,h,d,p from un-normalised keys
+    v_p = attention.project_values(v_s.transpose(-2, -1))
+    qn = torch.nn.functional.normalize(q, dim=-2)  # along tokens
+    kn = torch.nn.functional.normalize(k, dim=-2)
+    channel = torch.softmax(qn.transpose(-2, -1) @ kn * attention.temperature_channel, dim=-1)  # B,h,d,d
+    x_c = (channel @ v_c.transpose(-2, -1)).permute(0, 3, 1, 2).reshape(b, n, c)
+    spatial = torch.softmax(qn @ k_p * attention.temperature_spatial, dim=-1)  # B,h,N,p
+    x_s = (spatial @ v_p.transpose(-2, -1)).permute(0, 2, 1, 3).reshape(b, n, c)
+    if attention.fusion == "concat":
+        return torch.cat([attention.out_spatial(x_s), attention.out_channel(x_c)], dim=-1)
+    return x_s + x_c
+
+
+@pytest.mark.parametrize("variant", ["synapse", "acdc", "brats"])
+def test_epa_matches_explicit_formulas(variant):
+    net = build("unetrpp", 1, 2, variant=variant, **TINY, **IGNORED).eval()
+    attention = net.encoder[1][0].attention
+    with torch.no_grad():
+        attention.temperature_spatial.uniform_(0.5, 2.0)  # distinct per-head temperatures
+        attention.temperature_channel.uniform_(0.5, 2.0)
+        x = torch.randn(2, 8 * 8 * 8, 64)
+        assert torch.allclose(attention(x), _reference_epa(attention, x), atol=1e-5)
+    shared = attention.project_keys is attention.project_values
+    assert shared == (variant != "acdc")
