@@ -130,7 +130,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from autoseg.inference.ensemble import ensemble_folders
 
-    written = ensemble_folders(args.inputs, args.output, save_probabilities=args.save_probabilities)
+    rules = None
+    if args.postprocessing:
+        from autoseg.evaluation.postprocessing import load_postprocessing
+
+        rules = load_postprocessing(args.postprocessing)
+        if rules is None:
+            from autoseg.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"{args.postprocessing}: no postprocessing.json there; pass the file find-best printed"
+            )
+    written = ensemble_folders(args.inputs, args.output, save_probabilities=args.save_probabilities, postprocessing=rules)
     print(f"ensembled {len(written)} case(s) of {len(args.inputs)} folders into {args.output}")
     return 0
 
@@ -263,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--inputs", nargs="+", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--postprocessing", default=None,
+                   help="postprocessing.json (or its folder) to apply, as printed by find-best for an ensemble")
 
     p = command("evaluate", _cmd_evaluate, "compare predictions with reference segmentations",
                 "Compute Dice, IoU, HD95 and NSD per case and class; writes PRED/summary.json and prints a table.")

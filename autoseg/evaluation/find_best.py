@@ -204,8 +204,17 @@ def build_ensemble(
 
 
 # ------------------------------------------------------------------------------------------- commands
-def predict_commands(dataset: str, members: Sequence[str], folds: Sequence[int], root: str | os.PathLike | None) -> list[str]:
-    """The `autoseg predict` (and, for two members, `autoseg ensemble`) command lines to use."""
+def predict_commands(
+    dataset: str,
+    members: Sequence[str],
+    folds: Sequence[int],
+    root: str | os.PathLike | None,
+    ensemble_postprocessing: str | os.PathLike | None = None,
+) -> list[str]:
+    """The `autoseg predict` (and, for two members, `autoseg ensemble`) command lines to use.
+
+    ``ensemble_postprocessing``: the ensemble's postprocessing.json, passed to `autoseg ensemble` (a single
+    model's rules sit in its results folder, where `autoseg predict` finds them by itself)."""
     fold_text = " ".join(str(f) for f in folds)
     root_text = f" --root {root}" if root is not None else ""
     if len(members) == 1:
@@ -221,8 +230,10 @@ def predict_commands(dataset: str, members: Sequence[str], folds: Sequence[int],
             f"autoseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER/{member} -d {dataset} -c {configuration} "
             f"--arch {architecture} -f {fold_text} --save-probabilities{root_text}"
         )
+    rules_text = f" --postprocessing {ensemble_postprocessing}" if ensemble_postprocessing is not None else ""
     commands.append(
         "autoseg ensemble -i " + " ".join(f"OUTPUT_FOLDER/{m}" for m in members) + " -o OUTPUT_FOLDER/ensemble"
+        + rules_text
     )
     return commands
 
@@ -331,13 +342,9 @@ def find_best(
     else:
         rules_folder = location.results / best.members[0]
     postprocessing_file = save_postprocessing(rules_folder, rules)
-    commands = predict_commands(location.name, best.members, folds, root)
+    ensemble_rules = postprocessing_file if best.is_ensemble and rules.changes_anything else None
+    commands = predict_commands(location.name, best.members, folds, root, ensemble_rules)
     notes = []
-    if best.is_ensemble and rules.changes_anything:
-        notes.append(
-            f"apply the postprocessing in {postprocessing_file} to the ensemble output (Python: "
-            "autoseg.inference.ensemble.ensemble_folders(..., postprocessing=load_postprocessing(folder)))"
-        )
     if len(folds) < len(DEFAULT_FOLDS):
         notes.append(f"decided on fold(s) {', '.join(map(str, folds))} only: a quick estimate, not a full cross-validation")
 

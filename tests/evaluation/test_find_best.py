@@ -67,7 +67,9 @@ def test_commands_name_configuration_and_architecture(result):
         f"--save-probabilities --root {root}",
         f"autoseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER/{GOOD} -d {DATASET} -c 3d_fullres --arch unet "
         f"-f 0 1 2 3 4 --save-probabilities --root {root}",
-        f"autoseg ensemble -i OUTPUT_FOLDER/{NOISY} OUTPUT_FOLDER/{GOOD} -o OUTPUT_FOLDER/ensemble",
+        # the planted blob makes a rule worth applying, so the ensemble command carries its rules file
+        f"autoseg ensemble -i OUTPUT_FOLDER/{NOISY} OUTPUT_FOLDER/{GOOD} -o OUTPUT_FOLDER/ensemble "
+        f"--postprocessing {result.postprocessing_file}",
     ]
     assert "predict new images with" in result.format()
     saved = json.loads(result.find_best_file.read_text())

@@ -83,3 +83,11 @@ def test_validation_npz_without_geometry_uses_segmentation_beside_it(tmp_path: P
     (folder / "v.mha").unlink()
     with pytest.raises(Exception, match="no geometry"):
         read_probabilities(folder / "v.npz")
+
+
+def test_cli_ensemble_rejects_a_missing_postprocessing_file(tmp_path, capsys):
+    from autoseg.cli import main
+
+    code = main(["ensemble", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--postprocessing", str(tmp_path / "nope")])
+    assert code == 1
+    assert "no postprocessing.json" in capsys.readouterr().err
