@@ -192,11 +192,17 @@ def _shrink(
         if trial[axis] < 1:
             continue
         step = search.divisor(plan_topology(search.spacing, trial))[axis]
-        candidate = list(patch)
-        candidate[axis] = max(candidate[axis] - step, 1)
-        new_topology, new_patch = search.accepted(candidate)
-        if math.prod(new_patch) < math.prod(patch):
-            return new_topology, new_patch
+        # An architecture whose own divisor is finer than the U-Net topology's padding (e.g. unet2022: 32
+        # against 2^7 = 128 for seven poolings) gets its one-step-smaller patch padded straight back up;
+        # take more steps until the accepted patch really shrinks.
+        for steps in range(1, max(patch[axis] // max(step, 1), 1) + 1):
+            candidate = list(patch)
+            candidate[axis] = max(candidate[axis] - steps * step, 1)
+            new_topology, new_patch = search.accepted(candidate)
+            if math.prod(new_patch) < math.prod(patch):
+                return new_topology, new_patch
+            if candidate[axis] == 1:
+                break
     return None
 
 

@@ -189,3 +189,18 @@ def test_every_registered_architecture_is_planned_and_runs_on_the_meta_device():
 
 def base_of(name: str) -> str:
     return "2d" if name.startswith("2d") else "3d_fullres"
+
+
+@pytest.mark.slow
+def test_every_architecture_fits_the_budget_on_large_2d_images():
+    # Large RGB fundus-like images: an architecture whose own patch divisor is finer than the U-Net's
+    # padding (unet2022) must still shrink its patch to the budget instead of keeping the whole image.
+    fp = crafted_fingerprint(
+        *uniform(20, (1.0, 1.0), (930, 930)), channel_names={"0": "R", "1": "G", "2": "B"}, file_ending=".png"
+    )
+    plans = plan_from_fingerprint(fp)
+    budget = plans_budget(plans)
+    for name, config in plans.configurations.items():
+        fixed_and_batch = config.memory_estimate_bytes
+        assert fixed_and_batch <= budget * 1.05 or config.batch_size == 2, (name, config.notes)
+        assert not any("no smaller patch is possible" in note for note in config.notes), (name, config.notes)
