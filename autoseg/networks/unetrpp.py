@@ -244,7 +244,7 @@ class UNETRPlusPlus(nn.Module):
             for i in range(3)
         ])
         self.encoder = nn.ModuleList([
-            nn.Sequential(*[TransformerBlock(WIDTHS[i], tokens[i], ENCODER_PROJECTION[i], **block)
+            nn.Sequential(*[TransformerBlock(WIDTHS[i], tokens[i], projection_size(ENCODER_PROJECTION[i], tokens[i]), **block)
                             for _ in range(3)])
             for i in range(4)
         ])
@@ -258,7 +258,7 @@ class UNETRPlusPlus(nn.Module):
             self.upsample.append(
                 nn.ConvTranspose3d(WIDTHS[i + 1], WIDTHS[i], stages[i], stride=stages[i], bias=False)
             )
-            self.decoder.append(nn.Sequential(*[TransformerBlock(WIDTHS[i], tokens[i], DECODER_PROJECTION, **block)
+            self.decoder.append(nn.Sequential(*[TransformerBlock(WIDTHS[i], tokens[i], projection_size(DECODER_PROJECTION, tokens[i]), **block)
                                                 for _ in range(3)]))
         self.upsample_last = nn.ConvTranspose3d(WIDTHS[0], FULL_RESOLUTION_FEATURES, stem, stride=stem, bias=False)
         self.decoder_last = ResidualConvBlock(FULL_RESOLUTION_FEATURES, FULL_RESOLUTION_FEATURES, "instance_noaffine")
@@ -313,6 +313,14 @@ class UNETRPlusPlus(nn.Module):
         return result
 
 
+def projection_size(paper_size: int, tokens: int) -> int:
+    """The key/value projection size p of one EPA block: the paper's p (64, 32 at the bottleneck), capped at
+    the stage's token count N. The paper sizes patches so that N >= p everywhere; for small patches a
+    projection N -> p with p > N would only add parameters, never compress, so p = N keeps EPA exact
+    attention there (our extension, documented in docs/architectures.md)."""
+    return min(paper_size, tokens)
+
+
 def unetrpp_constraints(
     patch_size: Sequence[int],
     dims: int,
@@ -328,13 +336,9 @@ def unetrpp_constraints(
     divisor = tuple(s * math.prod(st[a] for st in stages) for a, s in enumerate(stem))
     if any(p % d for p, d in zip(patch_size, divisor)):
         return [f"each axis must be divisible by stem {stem} x stage strides = {divisor}"]
-    problems = []
-    shapes = stage_shapes(patch_size, stem, stages)
-    for i, shape in enumerate(shapes):
-        needed = ENCODER_PROJECTION[i] if i == 3 else max(ENCODER_PROJECTION[i], DECODER_PROJECTION)
-        if math.prod(shape) < needed:
-            problems.append(f"stage {i} has {math.prod(shape)} tokens ({shape}), fewer than its projection size {needed}")
-    return problems
+    # A stage with fewer tokens than the paper's projection size p is allowed: p is capped at the token count
+    # (projection_size), so small images (MSD Hippocampus, ~36x50x35) need not be padded to a huge patch.
+    return []
 
 
 def unetrpp_divisor(

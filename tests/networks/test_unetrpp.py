@@ -82,11 +82,22 @@ def test_constraints_reject_invalid_patches():
     assert "3D only" in constraints("unetrpp", (64, 64), 2)[0]
     with pytest.raises(ConfigurationError, match=r"'unetrpp' cannot use patch \(60, 128, 128\).*divisible"):
         check_patch("unetrpp", (60, 128, 128), 3, stem_stride=(2, 4, 4))
-    problems = constraints("unetrpp", (16, 32, 32), 3, stem_stride=(2, 4, 4))
-    assert problems and "fewer than its projection size" in " ".join(problems)
-    # adjust_patch grows the patch until token counts are sufficient
-    patch = adjust_patch("unetrpp", (16, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4))
-    assert constraints("unetrpp", patch, 3, stem_stride=(2, 4, 4)) == []
+    # a small patch is accepted as it is: the projection size is capped at the token count instead
+    assert constraints("unetrpp", (16, 32, 32), 3, stem_stride=(2, 4, 4)) == []
+    assert adjust_patch("unetrpp", (16, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4)) == (16, 32, 32)
+
+
+def test_projection_is_capped_at_the_token_count_for_small_patches():
+    from autoseg.networks.unetrpp import projection_size
+
+    assert projection_size(64, 4096) == 64 and projection_size(64, 16) == 16
+    model = build("unetrpp", 1, 3, patch_size=(32, 64, 64), strides=IGNORED["strides"],
+                           kernel_sizes=IGNORED["kernel_sizes"], features=IGNORED["features"], stem_stride=(2, 4, 4))
+    projections = [m.project_keys.out_features for m in model.modules() if hasattr(m, "project_keys")]
+    tokens = [m.project_keys.in_features for m in model.modules() if hasattr(m, "project_keys")]
+    assert min(tokens) < 32 and all(p == min(64, n) or p == min(32, n) for p, n in zip(projections, tokens))
+    out = model(torch.randn(2, 1, 32, 64, 64))
+    assert tuple(out[0].shape) == (2, 3, 32, 64, 64)
 
 
 def _reference_epa(attention, x):
