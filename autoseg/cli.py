@@ -25,11 +25,15 @@ EPILOG = (
 )
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default=None, help="data root holding raw/, preprocessed/, results/ "
+def _add_common(parser: argparse.ArgumentParser, on_subcommand: bool = False) -> None:
+    """--root/--debug/-v, accepted before the command (``autoseg --debug verify 4``) and after it. On
+    sub-commands the defaults are suppressed so an option given before the command is not reset."""
+    default = (lambda value: argparse.SUPPRESS) if on_subcommand else (lambda value: value)
+    parser.add_argument("--root", default=default(None), help="data root holding raw/, preprocessed/, results/ "
                         "(default: $AUTOSEG_HOME, else ./autoseg_data)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="show the full traceback on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="more log output")
 
 
 # --------------------------------------------------------------------------------------------- handlers
@@ -67,6 +71,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         preprocess=not args.no_preprocess,
         skip_verify=args.skip_verify,
     )
+    name = args.dataset
+    root = f" --root {args.root}" if args.root else ""
+    step = "" if not args.no_preprocess else f"autoseg preprocess {name}{root}, then "
+    print(f"next: {step}autoseg train {name} CONFIGURATION FOLD{root} for folds 0-4 (see the table above)")
     return 0
 
 
@@ -186,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    _add_common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, description: str):
         p = sub.add_parser(name, help=help_text, description=description, formatter_class=fmt)
-        _add_common(p)
+        _add_common(p, on_subcommand=True)
         p.set_defaults(handler=handler)
         return p
 
@@ -305,16 +314,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUME_DEFAULT = "rerun the same command: finished work is kept and partial outputs are redone"
+RESUME_HINTS = {
+    "train": "add --continue to the same command to resume from checkpoint_latest.pt (without it the fold "
+    "starts again from scratch)",
+}
+
+
+def _configure_logging(verbose: bool) -> None:
+    """autoseg's own messages at INFO (DEBUG with -v) on stderr; other libraries stay at their WARNING default
+    so their chatter (e.g. numexpr's thread notice) does not drown ours."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s" if verbose else "%(message)s")
+    )
+    logger = logging.getLogger("autoseg")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s" if not args.verbose else "%(asctime)s %(name)s %(levelname)s: %(message)s",
-    )
+    _configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except AutosegError as exc:
@@ -323,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"autoseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"autoseg {args.command}: interrupted; {RESUME_HINTS.get(args.command, RESUME_DEFAULT)}", file=sys.stderr)
         return 130
 
 

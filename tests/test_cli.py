@@ -79,3 +79,13 @@ def test_verify_by_number_under_root(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip().endswith("Dataset042_Tiny: OK (2 training cases, 0 test cases, no problems)")
     (tmp_path / "raw" / "Dataset042_Tiny" / "labelsTr" / "case_001.nii.gz").unlink()
     assert main(["verify", "Tiny", "--root", str(tmp_path), "-np", "1"]) == 1
+
+
+def test_common_options_work_before_and_after_the_command(tmp_path, capsys):
+    from autoseg.cli import main
+
+    with pytest.raises(Exception) as raised:  # --debug before the command re-raises the user error
+        main(["--debug", "--root", str(tmp_path), "verify", "nothing_here"])
+    assert "nothing_here" in str(raised.value) and str(tmp_path) in str(raised.value)
+    assert main(["verify", "nothing_here", "--root", str(tmp_path)]) == 1
+    assert str(tmp_path) in capsys.readouterr().err

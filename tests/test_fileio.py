@@ -1,0 +1,42 @@
+import json
+import os
+import stat
+
+import pytest
+
+from autoseg.fileio import atomic_path, atomic_write, read_json, write_json
+
+
+def test_write_json_is_deterministic_and_readable(tmp_path):
+    path = tmp_path / "sub" / "a.json"
+    write_json(path, {"b": 1, "a": [1, 2]})
+    first = path.read_bytes()
+    write_json(path, {"a": [1, 2], "b": 1})
+    assert path.read_bytes() == first and first.endswith(b"\n")
+    assert read_json(path) == {"a": [1, 2], "b": 1}
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "x.json"
+    write_json(path, {"old": True})
+
+    def broken(handle):
+        handle.write(b"{half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_written_files_follow_the_umask_not_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "seg.nii.gz") as tmp:
+            assert tmp.name.endswith(".nii.gz")  # writers that pick the format by extension still work
+            tmp.write_bytes(b"data")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "seg.nii.gz").stat().st_mode)
+    assert mode == 0o644
