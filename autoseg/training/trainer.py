@@ -33,6 +33,7 @@ from autoseg.paths import environment_summary, fold_folder, resolve_dataset
 from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.preprocessing.store import list_stored_cases
 from autoseg.training import distributed
+from autoseg.training.budget import BudgetChoice, adapt_to_budget, training_threads
 from autoseg.training.augmentation import (
     CentreCrop,
     augmentation_settings,
@@ -67,6 +68,8 @@ WEIGHT_DECAY = 3e-5
 GRADIENT_CLIP = 12.0
 EMA_DECAY = 0.9  # ema = 0.9 ema + 0.1 mean pseudo-Dice
 VALIDATION_FRACTION = 0.2  # 50 validation iterations per 250 training iterations
+PER_CASE_OVERHEAD_S = 0.75  # final validation, per case, besides the network (see _ValidationEstimate)
+VALIDATION_OVERHEAD = 2.0  # an epoch-validation batch costs ~2x its forward time (sampling, loss, Dice counts)
 CHECKPOINT_EVERY = 50  # epochs between checkpoint_latest.pt, as in the reference
 CHECKPOINT_INTERVAL_S = 600.0  # ... and at least every 10 minutes, so an interrupted job loses little
 DEFAULT_WORKERS = 2
@@ -82,6 +85,9 @@ class TrainingState:
     best_ema: float = -1.0
     elapsed_s: float = 0.0  # wall-clock training time across runs (the --time-budget clock)
     seconds_per_patch: float | None = None  # measured inference time per patch (validation estimate)
+    iterations_done: int = 0  # training iterations over all epochs and runs
+    budget_choice: dict[str, Any] | None = None  # BudgetChoice.to_json() of a --time-budget run
+    budget_reasons: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -275,15 +281,14 @@ def train(
         raise ConfigurationError(f"--epochs and --iters-per-epoch must be >= 1, got {epochs} and {iterations_per_epoch}")
     # with a time budget the budget ends training; --epochs then is an upper bound only
     total_epochs = epochs if epochs is not None else (None if budget_s else DEFAULT_EPOCHS)
-    iterations = iterations_per_epoch or DEFAULT_ITERATIONS
-    val_iterations = validation_iterations or max(1, round(iterations * VALIDATION_FRACTION))
+    workers = DEFAULT_WORKERS if num_workers is None else int(num_workers)
 
     torch_device = choose_device(device)
     context = distributed.init_distributed(torch_device)
     if torch_device.type == "cuda" and context.enabled:
         torch_device = torch.device("cuda", context.local_rank)
     if torch_device.type == "cpu":
-        configure_threads()
+        configure_threads(training_threads(workers))
     else:
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
     output = fold_folder(location, config.name, arch, fold)
@@ -299,6 +304,25 @@ def train(
         write_json(output / "plans.json", plans.to_json())
         write_json(output / "environment.json", _environment(torch_device, context))
     seed_everything(seed + context.rank)
+
+    # --time-budget: adapt the network/batch/precision/epoch length to what the budget can buy (budget.py);
+    # --continue reuses the adapted configuration stored in the checkpoint so its weights fit
+    budget_choice, budget_reasons = BudgetChoice(), []
+    if budget_s:
+        resumed = _resumed_configuration(output) if continue_training else None
+        if resumed is not None:
+            config, budget_choice, budget_reasons = resumed
+        else:
+            config, budget_reasons, budget_choice = adapt_to_budget(
+                config, budget_s, torch_device,
+                seconds_per_iteration=lambda c, autocast: _measure_step(plans, c, torch_device, autocast),
+                num_threads=torch.get_num_threads() if torch_device.type == "cpu" else None)
+        for reason in budget_reasons:
+            say(f"time budget {format_duration(budget_s)}: {reason}")
+        if context.is_main:
+            print("\n".join(f"      time budget: {r}" for r in budget_reasons), flush=True)
+    iterations = iterations_per_epoch or budget_choice.iterations_per_epoch or DEFAULT_ITERATIONS
+    val_iterations = validation_iterations or max(1, round(iterations * VALIDATION_FRACTION))
 
     network = build_network(plans, config)
     info_selfreg = None
@@ -321,7 +345,11 @@ def train(
     state = TrainingState()
     if continue_training:
         state = _resume(output, network, optimizer, say)
+    if budget_s:
+        state.budget_choice, state.budget_reasons = budget_choice.to_json(), list(budget_reasons)
     dtype = amp_dtype(torch_device)
+    if torch_device.type == "cpu" and budget_choice.autocast == "bfloat16":
+        dtype = torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     model: nn.Module = network
@@ -342,7 +370,6 @@ def train(
     ds_weights = list(getattr(network, "ds_weights", deep_supervision_weights(len(ds_scales)))) if deep else [1.0]
     settings = augmentation_settings(config.patch_size)
     batch_size = distributed.split_batch(config.batch_size, context)
-    workers = DEFAULT_WORKERS if num_workers is None else int(num_workers)
     train_sampler = PatchSampler(store, distributed.shard(train_ids, context),
                                  sample_size_for(config.patch_size, settings), batch_size, dims)
     train_loader = BatchLoader(train_sampler, training_transforms(config.patch_size, settings, ds_scales),
@@ -359,14 +386,30 @@ def train(
         f"{iterations} iterations, device {torch_device}{', AMP ' + str(dtype) if dtype else ''}"
         f"{budget_desc}, world size {context.world_size}")
     validation_estimate = _ValidationEstimate(store, val_ids, config, validate, budget_s)
+    if budget_s and state.seconds_per_patch is None:
+        # size the final-validation reserve from the start, not from a 10 % guess
+        state.seconds_per_patch = _measure_forward(network, config, plans.num_channels, torch_device, dtype)
     last_save = time.monotonic()
     stop_reason = None
+    last_step_s = 0.0
 
     def elapsed() -> float:
         return state.elapsed_s + (time.monotonic() - session_start)
 
-    def budget_left() -> float:
-        return math.inf if not budget_s else budget_s - validation_estimate.reserve(state) - elapsed()
+    def budget_left(iterations_this_epoch: int = 0) -> float:
+        """Seconds of training left: budget - time used - reserve for the final checkpoint + validation
+        - the validation phase this epoch still owes (1/5 of its iterations, forward only)."""
+        if not budget_s:
+            return math.inf
+        owed = _epoch_validation_iterations(iterations_this_epoch, val_iterations, True) * batch_size \
+            * (state.seconds_per_patch or 0.0) * VALIDATION_OVERHEAD if iterations_this_epoch else 0.0
+        return budget_s - validation_estimate.reserve(state) - owed - elapsed()
+
+    def validation_deadline() -> float | None:
+        """time.monotonic() by which an epoch's validation must stop to keep the final reserve."""
+        if not budget_s:
+            return None
+        return session_start + budget_s - state.elapsed_s - validation_estimate.reserve(state)
 
     try:
         while True:
@@ -382,21 +425,33 @@ def train(
             model.train()
             losses = []
             lr = INITIAL_LR
+            done = 0
             for iteration in range(iterations):
-                if budget_s and iteration and distributed.broadcast_flag(budget_left() <= 0, context, torch_device):
+                # the clock is checked every iteration: a budget ends mid-epoch (step time known from the
+                # previous iteration, so the check is "would one more step still fit")
+                if budget_s and distributed.broadcast_flag(budget_left(iteration + 1) - last_step_s <= 0, context,
+                                                           torch_device):
                     stop_reason = "time budget"
                     break
                 progress = training_progress(epoch, total_epochs, elapsed() if budget_s else None, budget_s)
                 lr = poly_lr(INITIAL_LR, progress)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                step_start = time.monotonic()
                 batch = next(train_loader)
                 loss = _train_step(model, optimizer, scaler, batch, torch_device, dtype, ds_weights, batch_dice,
                                    info_selfreg, epoch, iteration, output)
                 losses.append(loss)
-            val_loss, dice = _validate_epoch(model, val_sampler, val_transforms, val_iterations, torch_device, dtype,
-                                             ds_weights, batch_dice, plans.num_classes, context,
-                                             np.random.default_rng(_epoch_seed(seed, epoch, context.rank, 3)), state)
+                done += 1
+                state.iterations_done += 1
+                last_step_s = time.monotonic() - step_start
+            if not done:  # the budget ended before this epoch's first step
+                break
+            val_loss, dice = _validate_epoch(model, val_sampler, val_transforms,
+                                             _epoch_validation_iterations(done, val_iterations, bool(budget_s)),
+                                             torch_device, dtype, ds_weights, batch_dice, plans.num_classes, context,
+                                             np.random.default_rng(_epoch_seed(seed, epoch, context.rank, 3)), state,
+                                             validation_deadline())
             train_loss = float(np.mean(losses)) if losses else float("nan")
             if context.enabled:
                 pair = distributed.all_reduce_sum(torch.tensor([train_loss, val_loss], device=torch_device), context)
@@ -486,10 +541,19 @@ def _train_step(model, optimizer, scaler, batch, device, dtype, ds_weights, batc
     return float(loss.detach())
 
 
+def _epoch_validation_iterations(done: int, planned: int, budgeted: bool) -> int:
+    """Validation iterations after ``done`` training iterations: the planned count, or under a budget (where
+    an epoch may end early) 1/5 of the iterations actually done, at most the planned count."""
+    if not budgeted:
+        return planned
+    return max(1, min(planned, round(done * VALIDATION_FRACTION)))
+
+
 def _validate_epoch(model, sampler, transforms, iterations, device, dtype, ds_weights, batch_dice, num_classes,
-                    context, rng, state) -> tuple[float, list[float]]:
+                    context, rng, state, deadline: float | None = None) -> tuple[float, list[float]]:
     """Loss and pseudo-Dice on random validation patches (no augmentation); also measures the forward time
-    per patch, which sizes the time reserved for the final validation under --time-budget."""
+    per patch, which sizes the time reserved for the final validation under --time-budget. With a
+    ``deadline`` (time.monotonic()) it stops after the first batch that ends past it."""
     model.eval()
     losses, counts = [], torch.zeros(3, num_classes - 1, dtype=torch.float64, device=device)
     forward_time, patches = 0.0, 0
@@ -506,6 +570,8 @@ def _validate_epoch(model, sampler, transforms, iterations, device, dtype, ds_we
             losses.append(float(deep_supervision_loss(outputs, targets, batch_dice, ds_weights)))
             first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
             counts += pseudo_dice_counts(first, targets[0], num_classes)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
     distributed.all_reduce_sum(counts, context)
     if patches:
         state.seconds_per_patch = forward_time / patches
@@ -520,7 +586,8 @@ def _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, i
         "num_classes": plans.num_classes, "selfreg": bool(selfreg), "curves": state.curves.to_json(),
         "ema_pseudo_dice": state.ema, "best_ema_pseudo_dice": state.best_ema, "elapsed_s": float(elapsed_s),
         "seconds_per_patch": state.seconds_per_patch, "seed": seed, "epochs": epochs,
-        "iterations_per_epoch": iterations, "time_budget_s": budget_s,
+        "iterations_per_epoch": iterations, "time_budget_s": budget_s, "iterations_done": state.iterations_done,
+        "budget_choice": state.budget_choice, "budget_reasons": state.budget_reasons,
     }
 
 
@@ -561,6 +628,8 @@ def _resume(output: Path, network: nn.Module, optimizer, say) -> TrainingState:
         epoch=int(metadata.get("epoch", 0)), curves=Curves.from_json(metadata.get("curves", {})),
         ema=metadata.get("ema_pseudo_dice"), best_ema=float(metadata.get("best_ema_pseudo_dice", -1.0)),
         elapsed_s=float(metadata.get("elapsed_s", 0.0)), seconds_per_patch=metadata.get("seconds_per_patch"),
+        iterations_done=int(metadata.get("iterations_done") or 0), budget_choice=metadata.get("budget_choice"),
+        budget_reasons=list(metadata.get("budget_reasons") or []),
     )
     say(f"resumed from {path.name}: epoch {state.epoch}, {format_duration(state.elapsed_s)} of training time used")
     return state
@@ -593,7 +662,7 @@ class _ValidationEstimate:
     """How much of a --time-budget to keep for the final checkpoint and the validation prediction.
 
     Estimate = number of sliding windows (step 0.5) over the validation cases x measured forward time per
-    patch x mirror passes (2^dims), x 1.5 for resampling/writing, + 2 s per case. Mirroring is dropped when
+    patch x mirror passes (2^dims), x 1.5 for resampling/writing, + PER_CASE_OVERHEAD_S per case (~0.5 s measured per Hippocampus case). Mirroring is dropped when
     it would take more than a quarter of the budget; before the first measurement 10 % of the budget is kept.
     """
 
@@ -618,7 +687,7 @@ class _ValidationEstimate:
         if state.seconds_per_patch is None:
             return None
         passes = 2**self.dims if mirror else 1
-        return self.windows * state.seconds_per_patch * passes * 1.5 + 2.0 * self.cases
+        return self.windows * state.seconds_per_patch * passes * 1.5 + PER_CASE_OVERHEAD_S * self.cases
 
     def use_mirroring(self, state: TrainingState, budget_s: float | None, elapsed_s: float) -> bool:
         if not budget_s:
@@ -635,9 +704,71 @@ class _ValidationEstimate:
         measured = self._seconds(state, self.use_mirroring(state, self.budget_s, 0.0))
         if measured is None:
             return 0.1 * self.budget_s
-        # one validation phase per epoch also runs after the stop decision: keep the last epoch's worth
-        epoch_tail = state.curves.epoch_time[-1] * VALIDATION_FRACTION if state.curves.epoch_time else 0.0
-        return min(0.5 * self.budget_s, measured + checkpoint_time + epoch_tail)
+        return min(0.5 * self.budget_s, measured + checkpoint_time)
+
+
+def _resumed_configuration(output: Path) -> tuple[Configuration, BudgetChoice, list[str]] | None:
+    """The adapted configuration and budget choice of the checkpoint --continue will load (None: no checkpoint
+    or not a budget run), so a resumed budget run rebuilds the same network."""
+    from autoseg.inference.predictor import configuration_from_json
+
+    for name in (LATEST, FINAL):
+        if (output / name).is_file():
+            metadata = load_checkpoint(output / name)["metadata"]
+            if not metadata.get("budget_choice"):
+                return None
+            choice = BudgetChoice(**metadata["budget_choice"])
+            reasons = [f"resumed: {r}" for r in metadata.get("budget_reasons") or []]
+            return configuration_from_json(metadata["configuration"]), choice, reasons
+    return None
+
+
+def _random_batch(network: nn.Module, config: Configuration, in_channels: int, num_classes: int, batch_size: int):
+    scales = list(getattr(network, "ds_scales", [(1.0,) * config.dims])) if config.architecture.deep_supervision \
+        else [(1.0,) * config.dims]
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn((batch_size, in_channels, *config.patch_size), generator=generator)
+    targets = [torch.randint(0, num_classes, (batch_size, 1, *[max(1, round(p * f)) for p, f in
+                                                                zip(config.patch_size, scale)]),
+                             generator=generator).float() for scale in scales]
+    return {"data": data, "target": targets, "keys": []}
+
+
+def _measure_step(plans: Plans, config: Configuration, device: torch.device, autocast: str | None) -> float:
+    """Seconds of one training step (forward, loss, backward, clip, SGD) of ``config``'s network at its
+    batch on random data: one warm-up step (allocator, oneDNN primitive cache), then the faster of two."""
+    network = build_network(plans, config).to(device)
+    network.train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+    dtype = getattr(torch, autocast) if autocast else amp_dtype(device)
+    batch = _random_batch(network, config, plans.num_channels, plans.num_classes, config.batch_size)
+    weights = list(getattr(network, "ds_weights", [1.0])) if config.architecture.deep_supervision else [1.0]
+    times = []
+    for i in range(3):
+        start = time.monotonic()
+        _train_step(network, optimizer, None, batch, device, dtype, weights, config.dims == 2, None, 0, i, Path("."))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.monotonic() - start)
+    return min(times[1:])
+
+
+def _measure_forward(network: nn.Module, config: Configuration, in_channels: int, device: torch.device,
+                     dtype: torch.dtype | None) -> float:
+    """Seconds of one inference forward pass of one patch (the faster of two after a warm-up)."""
+    was_training = network.training
+    network.eval()
+    data = torch.randn((1, in_channels, *config.patch_size), device=device)
+    times = []
+    with torch.no_grad(), _autocast(device, dtype):
+        for _ in range(3):
+            start = time.monotonic()
+            network(data)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.monotonic() - start)
+    network.train(was_training)
+    return min(times[1:])
 
 
 def _final_validation(output, location, plans, config, store, val_ids, device, mirror, say) -> None:
