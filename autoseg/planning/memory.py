@@ -24,7 +24,6 @@ import functools
 import math
 from typing import Any, Sequence
 
-import torch
 
 BUDGET_FRACTION = 4.7e9 / (8 * 2**30)  # of the GPU memory; see the module docstring
 GIB = 2**30
@@ -57,6 +56,10 @@ def _traced(
     options: tuple[tuple[str, Any], ...],
 ) -> tuple[int, int]:
     """(activation bytes of ONE sample, parameter+gradient+optimiser bytes), cached per network and patch."""
+    # torch is imported here, not at module level: preprocessing workers import autoseg.planning (for the
+    # plans dataclasses) and should not pay the ~1.6 s torch import per process.
+    import torch
+
     from autoseg.networks import build
     from autoseg.networks.summary import activation_bytes, parameter_bytes
 

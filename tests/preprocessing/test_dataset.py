@@ -123,3 +123,12 @@ def test_killed_run_resumes_to_byte_identical_outputs(tmp_path) -> None:
     report = preprocess_dataset(DATASET, root=root, num_workers=1)
     assert report.ok and report.skipped == done_at_kill
     assert _file_bytes(folder) == _file_bytes(reference_folder)
+
+
+def test_preprocessing_does_not_import_torch():
+    # every spawned preprocessing worker imports this package: torch would cost each ~1.6 s of start-up
+    import subprocess
+    import sys
+
+    code = "import sys, autoseg.preprocessing; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
