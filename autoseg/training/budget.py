@@ -80,10 +80,12 @@ def training_threads(num_workers: int, cores: int | None = None) -> int:
 # --------------------------------------------------------------------------------------------- policy
 # Evidence: benchmarks/results/budget_study.md. On a 2-core CPU the plan's network (features 32..256/320)
 # gets a few hundred iterations in 20 minutes, too few for a 3D U-Net to leave Dice 0 on small structures;
-# a narrower network (features x 1/2 or x 1/4, caps scaled alike) trains 3-6x more iterations per second,
+# a narrower network (features x 1/2, caps scaled alike) trains ~3x more iterations per second,
 # bf16 autocast (avx512_bf16 / AMX via oneDNN) another ~1.4-1.8x, and batch 2 instead of a larger planned
 # batch (MSD Hippocampus: 7) ~3x. channels_last_3d was slower on CPU (0.8x) and is not used.
-WIDTH_FACTORS = (1.0, 0.5, 0.25)  # widest first; the first that reaches TARGET_ITERATIONS wins
+# x 1/4 was measured and rejected: at a 3-minute budget on MSD Hippocampus it did 352 iterations and reached
+# Dice 0 / 0, x 1/2 did 244 iterations and reached 0.51 / 0 (the narrow net learns too little per step)
+WIDTH_FACTORS = (1.0, 0.5)  # the widest that reaches TARGET_ITERATIONS wins, else the narrowest
 TARGET_ITERATIONS = 1000  # iterations a budget should buy at least (4 nnU-Net epochs of 250)
 CPU_MAX_BATCH = 2  # nnU-Net's minimum batch; more samples per step cost time a short budget lacks
 EPOCHS_PER_BUDGET = 20  # budget-limited runs get ~20 epochs: ~20 pseudo-Dice points, EMA and best checkpoint
@@ -132,8 +134,8 @@ def adapt_to_budget(
 
     CUDA/MPS: the plan unchanged (it was sized for the GPU's memory; AMP is on anyway); only the iterations
     per epoch follow the budget when a step time is known. CPU: batch capped at 2, bf16 autocast where the
-    CPU has native bf16, and the widest of features x 1, 1/2, 1/4 whose measured step time buys at least
-    TARGET_ITERATIONS iterations in the budget (else the narrowest). ``seconds_per_iteration(config,
+    CPU has native bf16, and the widest of features x 1, 1/2 whose measured step time buys at least
+    TARGET_ITERATIONS iterations in the budget (else x 1/2). ``seconds_per_iteration(config,
     autocast)`` measures one training step (the trainer times a warm step on random data); it is called
     from the narrowest candidate upwards and not again once a candidate misses the target, so measuring
     costs a few narrow steps. Returns (configuration, reasons for the log, choice).

@@ -62,12 +62,12 @@ def _fake_step_time(calls):
 def test_cpu_budget_picks_the_widest_network_that_buys_the_target_iterations():
     calls = []
     config = _config()
-    # 0.1 s (x1/4), 0.2 s (x1/2), 0.4 s (x1): 300 s buys 3000 / 1500 / 750 iterations -> x 1/2 wins
+    # 0.2 s (x1/2), 0.4 s (x1): 300 s buys 1500 / 750 iterations -> x 1/2 wins
     adapted, reasons, choice = adapt_to_budget(config, 300.0, "cpu", _fake_step_time(calls), bf16_supported=True)
     assert adapted.batch_size == CPU_MAX_BATCH
     assert adapted.architecture.features == [16, 32, 64, 128, 160, 160]
     assert choice.autocast == "bfloat16" and choice.width_factor == 0.5
-    assert [c[0] for c in calls] == [8, 16, 32]  # narrowest first, stops at the first miss
+    assert [c[0] for c in calls] == [16, 32]  # narrowest first, stops at the first miss
     assert all(c[1] == "bfloat16" for c in calls)
     assert choice.seconds_per_iteration == pytest.approx(0.2)
     assert choice.iterations_per_epoch == iterations_per_epoch_for(300.0, 0.2) == 75
@@ -77,7 +77,7 @@ def test_cpu_budget_picks_the_widest_network_that_buys_the_target_iterations():
 
 def test_tiny_budget_takes_the_narrowest_and_a_huge_one_keeps_the_plan():
     adapted, _, choice = adapt_to_budget(_config(), 20.0, "cpu", _fake_step_time([]), bf16_supported=False)
-    assert adapted.architecture.features[0] == 8 and choice.autocast is None
+    assert adapted.architecture.features[0] == 16 and choice.autocast is None
     adapted, _, choice = adapt_to_budget(_config(), 10_000.0, "cpu", _fake_step_time([]), bf16_supported=False)
     assert adapted.architecture.features[0] == 32 and choice.width_factor == 1.0
     assert 10_000.0 / choice.seconds_per_iteration >= TARGET_ITERATIONS
