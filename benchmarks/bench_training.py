@@ -80,8 +80,10 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 preprocessed, batches = sys.argv[1], int(sys.argv[2])
 plans = load_json(os.path.join(preprocessed, "nnUNetPlans.json"))
+plans["continue_training"] = False  # nnunetv2 2.8.1 pops this key in nnUNetTrainer.__init__
 dataset_json = load_json(os.path.join(preprocessed, "dataset.json"))
 trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+trainer.initialize()  # sets batch size and oversampling (2.8.1)
 train_loader, val_loader = trainer.get_dataloaders()
 for _ in range(4):
     next(train_loader)
@@ -196,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--skip-loader", action="store_true")
+    parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "training.md")
     args = parser.parse_args(argv)
     nnunet_python = args.nnunet_venv / "bin" / "python"
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
 
     step = {"nnU-Net (fp32)": [], "autoseg (fp32)": [], "autoseg (bf16 autocast)": []}
     info = {}
-    for round_index in range(args.rounds):
+    for round_index in range(0 if args.skip_step else args.rounds):
         order = list(step) if round_index % 2 == 0 else list(reversed(step))
         for name in order:
             if name.startswith("nnU-Net"):
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
 
     import platform
 
-    reference = statistics.median(step["nnU-Net (fp32)"])
+    reference = statistics.median(step["nnU-Net (fp32)"]) if step["nnU-Net (fp32)"] else float("nan")
     lines = [f"# Training throughput, autoseg vs nnU-Net v2 2.8.1 ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared (noisy: "
              "compare ratios from one run). Script: `benchmarks/bench_training.py`.", "",
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
              f"Forward + Dice/CE with deep supervision + backward + clip + SGD, random data, {args.steps} steps per "
              f"process after 2 warm-up steps, processes alternating over {args.rounds} rounds; median over rounds.", "",
              "| side | s/step (median) | per round | speed-up vs nnU-Net |", "|---|---|---|---|"]
-    for name, values in step.items():
+    for name, values in step.items() if not args.skip_step else ():
         median = statistics.median(values)
         lines.append(f"| {name} | {median:.3f} | {', '.join(f'{v:.2f}' for v in values)} | {reference / median:.2f}x |")
     if loader["autoseg"]:
