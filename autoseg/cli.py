@@ -130,6 +130,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         checkpoint=args.checkpoint,
         postprocess=not args.no_postprocessing,
+        mixed_precision=not args.fp32,
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz softmax probabilities")
     p.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file name in each fold")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore postprocessing.json")
+    p.add_argument("--fp32", action="store_true", help="full precision (default: AMP on CUDA, bf16 autocast on "
+                   "CPUs with native bf16, about 2x faster there)")
     p.add_argument("--device", default="auto")
     p.add_argument("-np", "--num-workers", type=int, default=2, help="reader/writer processes")
 

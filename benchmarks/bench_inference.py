@@ -39,7 +39,7 @@ DEFAULT_IMAGE = [44, 106, 96]  # median image (40.5, 53, 47.5) rounded up to the
 AUTOSEG_SNIPPET = r"""
 import json, resource, sys, time, torch
 from autoseg import networks
-from autoseg.device import amp_dtype, choose_device, configure_threads
+from autoseg.device import choose_device, configure_threads, inference_amp_dtype
 from autoseg.inference.sliding_window import sliding_window_predict
 cfg = json.loads(sys.argv[1]); configure_threads()
 device = choose_device(cfg["device"])
@@ -53,7 +53,7 @@ with torch.inference_mode():
         data = torch.randn(cfg["in_channels"], *cfg["image"])
         start = time.perf_counter()
         out = sliding_window_predict(net, data, cfg["patch_size"], 3, cfg["num_classes"], step_size=0.5,
-                                     mirror=cfg["mirror"], device=device, amp=amp_dtype(device), softmax=True)
+                                     mirror=cfg["mirror"], device=device, amp=inference_amp_dtype(device), softmax=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

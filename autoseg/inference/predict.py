@@ -213,6 +213,7 @@ def predict(
     checkpoint: str = DEFAULT_CHECKPOINT,
     postprocess: bool = True,
     predictor: Predictor | None = None,
+    mixed_precision: bool = True,
 ) -> PredictReport:
     """Predict every case of ``input`` into ``output`` (docs/prediction.md).
 
@@ -226,7 +227,7 @@ def predict(
             folds = [int(f) if str(f).isdigit() else str(f) for f in folds]
         predictor = Predictor.from_folder(
             dataset, configuration, folds=folds, root=root, architecture=architecture, checkpoint=checkpoint,
-            device=device, step_size=step_size, mirror=mirror,
+            device=device, step_size=step_size, mirror=mirror, mixed_precision=mixed_precision,
         )
     rules = load_postprocessing_rules(predictor.sources[0].parent.parent) if postprocess and predictor.sources else None
     output = Path(output)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoseg.device import amp_dtype, choose_device
+from autoseg.device import choose_device, inference_amp_dtype
 from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
 from autoseg.inference.sliding_window import sliding_window_predict
 from autoseg.io import Geometry, read_image
@@ -172,6 +172,7 @@ class Predictor:
         mirror: bool = True,
         window_batch_size: int = DEFAULT_WINDOW_BATCH,
         sources: Sequence[Path] = (),
+        mixed_precision: bool = True,
     ) -> None:
         if not networks:
             raise ConfigurationError("a Predictor needs at least one trained network (fold)")
@@ -183,7 +184,7 @@ class Predictor:
         self.step_size = float(step_size)
         self.mirror = bool(mirror)
         self.window_batch_size = int(window_batch_size)
-        self.amp = amp_dtype(self.device)
+        self.amp = inference_amp_dtype(self.device, mixed_precision)
         self.sources = [Path(s) for s in sources]
         self.networks = [network.to(self.device).eval() for network in networks]
         # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
@@ -199,8 +200,11 @@ class Predictor:
         step_size: float = 0.5,
         mirror: bool = True,
         window_batch_size: int = DEFAULT_WINDOW_BATCH,
+        mixed_precision: bool = True,
     ) -> "Predictor":
-        """One network per checkpoint file; all must share configuration, channels and classes."""
+        """One network per checkpoint file; all must share configuration, channels and classes.
+        ``mixed_precision=False`` predicts in full fp32 (default: autocast where it is fast, see
+        :func:`autoseg.device.inference_amp_dtype`)."""
         if not paths:
             raise CheckpointError("no checkpoint files given; pass at least one checkpoint_*.pt")
         networks, reference, plans, configuration, in_channels = [], None, None, None, 0
@@ -237,7 +241,8 @@ class Predictor:
                 "the checkpoint is inconsistent, retrain"
             )
         return cls(networks, plans, configuration, in_channels, device=device, step_size=step_size, mirror=mirror,
-                   window_batch_size=window_batch_size, sources=[Path(p) for p in paths])
+                   window_batch_size=window_batch_size, sources=[Path(p) for p in paths],
+                   mixed_precision=mixed_precision)
 
     @classmethod
     def from_folder(
@@ -252,13 +257,14 @@ class Predictor:
         step_size: float = 0.5,
         mirror: bool = True,
         window_batch_size: int = DEFAULT_WINDOW_BATCH,
+        mixed_precision: bool = True,
     ) -> "Predictor":
         """The trained folds of ``configuration`` in ``results/<dataset>/<configuration>__<arch>/``."""
         folder = model_folder(dataset, configuration, root=root, architecture=architecture)
         paths = find_fold_checkpoints(folder, folds, checkpoint)
         log.info("model %s, folds %s", folder, ", ".join(str(_fold_of(p)) for p in paths))
         predictor = cls.from_checkpoints(paths, device=device, step_size=step_size, mirror=mirror,
-                                         window_batch_size=window_batch_size)
+                                         window_batch_size=window_batch_size, mixed_precision=mixed_precision)
         previous = predictor.configuration.previous_stage
         if previous:
             # the low-resolution stage uses all of its own trained folds (nnU-Net predicts it the same way)
@@ -266,6 +272,7 @@ class Predictor:
             predictor.previous_stage = cls.from_folder(
                 dataset, previous, folds=None, root=root, checkpoint=checkpoint, device=predictor.device,
                 step_size=step_size, mirror=mirror, window_batch_size=window_batch_size,
+                mixed_precision=mixed_precision,
             )
         return predictor
 

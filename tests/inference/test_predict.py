@@ -178,7 +178,7 @@ def test_ensemble_of_identical_folds_equals_one_fold(tmp_path: Path, identity_pr
 def test_fold_ensemble_is_mean_of_fold_softmax(tmp_path: Path, identity_preprocessing: None) -> None:
     root = _trained_root(tmp_path, folds=(0, 1), seeds=(1, 2))
     data = np.random.default_rng(1).normal(size=(1, 8, 16, 16)).astype(np.float32)
-    kwargs = dict(root=root, device="cpu", mirror=False)
+    kwargs = dict(root=root, device="cpu", mirror=False, mixed_precision=False)  # exact fp32 comparison
     mean = Predictor.from_folder("Test", "3d_fullres", **kwargs).predict_preprocessed(data)
     fold0 = Predictor.from_folder("Test", "3d_fullres", folds=[0], **kwargs).predict_preprocessed(data)
     fold1 = Predictor.from_folder("Test", "3d_fullres", folds=[1], **kwargs).predict_preprocessed(data)
@@ -284,3 +284,18 @@ def test_cascade_feeds_previous_stage_as_one_hot(tmp_path: Path, identity_prepro
     cascade.previous_stage = None
     report = predict(tmp_path / "in", tmp_path / "out2", "x", "3d_cascade_fullres", predictor=cascade)
     assert not report.ok and "3d_lowres" in report.failures[0][1]
+
+
+def test_mixed_precision_follows_the_device_and_can_be_switched_off(tmp_path: Path, identity_preprocessing: None) -> None:
+    from autoseg.device import cpu_supports_bf16
+
+    root = _trained_root(tmp_path, folds=(0,), seeds=(1,))
+    data = np.random.default_rng(3).normal(size=(1, 8, 16, 16)).astype(np.float32)
+    fast = Predictor.from_folder("Test", "3d_fullres", root=root, device="cpu", mirror=False)
+    exact = Predictor.from_folder("Test", "3d_fullres", root=root, device="cpu", mirror=False, mixed_precision=False)
+    assert exact.amp is None
+    assert fast.amp == (torch.bfloat16 if cpu_supports_bf16() else None)
+    # bf16 changes probabilities by a few 1e-3 at most, never the sum-to-one property
+    low, full = fast.predict_preprocessed(data), exact.predict_preprocessed(data)
+    assert np.abs(low - full).max() < 0.05
+    np.testing.assert_allclose(low.sum(0), 1.0, atol=1e-3)
