@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from autoseg.device import cpu_supports_bf16
 from autoseg.planning.plans import Configuration
 
 MIN_FEATURES = 4  # narrower stages than this stop being a network (InstanceNorm over 1-3 channels)
@@ -105,14 +106,6 @@ class BudgetChoice:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 matmul/convolution on this CPU (avx512_bf16 or AMX), as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def iterations_per_epoch_for(budget_seconds: float, seconds_per_iteration: float) -> int:
