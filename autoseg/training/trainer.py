@@ -143,6 +143,13 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
         )
     plans = load_plans(plans_file)
     config = plans.configuration(configuration, architecture)
+    if config.previous_stage:
+        # The cascade's extra inputs are the previous stage's cross-validation predictions, which the data
+        # loader does not read yet; training without them would give a network inference cannot feed.
+        raise ConfigurationError(
+            f"training {config.name} (a cascade stage fed by {config.previous_stage}) is not supported yet; "
+            f"train {config.previous_stage} or 3d_fullres instead"
+        )
     train_ids, val_ids = fold_cases(location.preprocessed, fold)
     fold = _parse_fold(fold, 10**9, location.preprocessed / "splits.json")
     store = location.preprocessed / config.data_identifier
