@@ -284,6 +284,20 @@ def train(
     budget_s = parse_duration(time_budget)
     location, plans, config, fold, train_ids, val_ids, store = _resolve(dataset, configuration, fold, root, architecture)
     arch = config.architecture.name
+    resumed_schedule: list[str] = []
+    if continue_training:
+        # --continue without repeating --epochs/--iters-per-epoch/--time-budget keeps the schedule the run
+        # started with, instead of silently switching to the 1000-epoch default.
+        saved = _saved_schedule(fold_folder(location, config.name, arch, fold))
+        if epochs is None and saved.get("epochs"):
+            epochs = int(saved["epochs"])
+            resumed_schedule.append(f"--epochs {epochs}")
+        if iterations_per_epoch is None and saved.get("iterations_per_epoch") and not saved.get("time_budget_s"):
+            iterations_per_epoch = int(saved["iterations_per_epoch"])
+            resumed_schedule.append(f"--iters-per-epoch {iterations_per_epoch}")
+        if budget_s is None and saved.get("time_budget_s"):
+            budget_s = float(saved["time_budget_s"])
+            resumed_schedule.append(f"--time-budget {format_duration(budget_s)}")
     if epochs is not None and epochs < 1 or iterations_per_epoch is not None and iterations_per_epoch < 1:
         raise ConfigurationError(f"--epochs and --iters-per-epoch must be >= 1, got {epochs} and {iterations_per_epoch}")
     # with a time budget the budget ends training; --epochs then is an upper bound only
@@ -306,6 +320,8 @@ def train(
             log.info(message)
             append_log(log_file, message)
 
+    if resumed_schedule:
+        say(f"--continue: keeping the schedule of the interrupted run ({', '.join(resumed_schedule)})")
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
         write_json(output / "plans.json", plans.to_json())
@@ -712,6 +728,19 @@ class _ValidationEstimate:
         if measured is None:
             return 0.1 * self.budget_s
         return min(0.5 * self.budget_s, measured + checkpoint_time)
+
+
+def _saved_schedule(output: Path) -> dict[str, Any]:
+    """``epochs``, ``iterations_per_epoch`` and ``time_budget_s`` of the checkpoint --continue will load
+    (empty when there is none; a broken checkpoint is reported later, when it is loaded)."""
+    for name in (LATEST, FINAL):
+        if (output / name).is_file():
+            try:
+                metadata = load_checkpoint(output / name)["metadata"]
+            except CheckpointError:
+                return {}
+            return {key: metadata.get(key) for key in ("epochs", "iterations_per_epoch", "time_budget_s")}
+    return {}
 
 
 def _resumed_configuration(output: Path) -> tuple[Configuration, BudgetChoice, list[str]] | None:

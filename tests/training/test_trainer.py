@@ -60,8 +60,11 @@ def test_resume_gives_identical_weights(tmp_path):
               on_epoch_end=kill_after_two, **FAST)
     assert load_checkpoint(straight / "checkpoint_latest.pt")["metadata"]["epoch"] == 2
     assert not (straight / "checkpoint_final.pt").exists()
-    resumed_folder = train(DATASET, "2d", 1, root=root, epochs=4, iterations_per_epoch=3, seed=7,
-                           continue_training=True, **FAST)
+    # --continue without repeating --epochs/--iters-per-epoch keeps the interrupted run's schedule
+    resumed_folder = train(DATASET, "2d", 1, root=root, seed=7, continue_training=True, **FAST)
+    assert "keeping the schedule of the interrupted run (--epochs 4, --iters-per-epoch 3)" in (
+        resumed_folder / "log.txt"
+    ).read_text()
     resumed = load_checkpoint(resumed_folder / "checkpoint_final.pt")
     for key, value in reference["network"].items():
         assert torch.equal(value, resumed["network"][key]), key
