@@ -22,55 +22,24 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import run_measured  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 ORACLE = SHARED / "reference" / "oracle"
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        stack.extend(children.get(current, []))
-    return found
-
-
-def _rss_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def run_measured(commands: list[list[str]], env: dict[str, str]) -> tuple[float, int]:
-    """Run ``commands`` one after another; (wall seconds, peak RSS bytes over the whole tree)."""
-    start, peak = time.perf_counter(), 0
+def run_commands_measured(commands: list[list[str]], env: dict[str, str]) -> tuple[float, int]:
+    """Run ``commands`` one after another; (wall seconds, peak RSS bytes over the whole process tree),
+    measured by the shared poller in common.py."""
+    wall, peak = 0.0, 0.0
     for command in commands:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while process.poll() is None:
-            peak = max(peak, _rss_bytes(_descendants(process.pid)))
-            time.sleep(0.02)
-        if process.returncode:
-            raise RuntimeError(f"{shlex.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
-    return time.perf_counter() - start, peak
+        measured = run_measured(command, env=env, poll_interval_s=0.02)
+        wall += measured.wall_s
+        peak = max(peak, measured.peak_rss_mb)
+    return wall, int(peak * 2**20)
 
 
 def regenerate(name: str, raw_root: Path) -> Path:
@@ -122,7 +91,7 @@ def main() -> None:
         for name, commands in tools.items():
             if name.startswith("autoseg"):
                 shutil.rmtree(root / "preprocessed", ignore_errors=True)
-            results[name].append(run_measured(commands, nnunet_env if name.startswith("nnUNet") else env))
+            results[name].append(run_commands_measured(commands, nnunet_env if name.startswith("nnUNet") else env))
 
     reference = "nnUNetv2 fingerprint + plan" if "nnUNetv2 fingerprint + plan" in results else None
     lines = [f"planning benchmark: {args.dataset}, median of {args.repeats}, {os.cpu_count()} CPUs",

@@ -23,10 +23,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from common import run_measured  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -42,41 +43,11 @@ NNUNET_NORMALIZATION = {
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _descendants(pid: int) -> list[int]:
-    found, stack = [], [pid]
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                stack.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return found
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run ``command``; return (wall seconds, peak summed RSS in bytes of it and its descendants)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while process.poll() is None:
-        peak = max(peak, sum(_rss_bytes(p) for p in _descendants(process.pid)))
-        time.sleep(0.02)
-    wall = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
-    return wall, peak
+def measured_run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run ``command``; (wall seconds, peak summed RSS in bytes of it and its descendants), measured by the
+    shared poller in common.py."""
+    measured = run_measured(command, env=env, poll_interval_s=0.02)
+    return measured.wall_s, int(measured.peak_rss_mb * 2**20)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -223,10 +194,10 @@ def main() -> int:
         for tool, (walls, peaks) in tools.items():  # alternating A B A B: both see the same machine load
             if tool == "autoseg":
                 shutil.rmtree(work / "preprocessed" / DATASET / "3d_fullres", ignore_errors=True)
-                wall, peak = run_measured(ours_command(work, args.workers))
+                wall, peak = measured_run(ours_command(work, args.workers))
             else:
                 shutil.rmtree(work / "nnunet" / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres", ignore_errors=True)
-                wall, peak = run_measured(nnunet_command(args.nnunet_venv, args.workers), env=env)
+                wall, peak = measured_run(nnunet_command(args.nnunet_venv, args.workers), env=env)
             walls.append(wall)
             peaks.append(peak)
             print(f"run {repeat + 1}/{args.repeats} {tool}: {wall:.2f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
