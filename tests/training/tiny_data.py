@@ -25,6 +25,11 @@ def _architecture(name: str, patch, dims: int) -> ArchitectureSpec:
 
 
 def _configuration(name: str, data_identifier: str, dims: int, patch, spacing, arch: str = "unet") -> Configuration:
+    from autoseg import networks
+
+    # each architecture gets the nearest patch it accepts (e.g. unetrpp: multiples of its stem x strides),
+    # as the planner would give it; the sampler pads stored cases smaller than the patch
+    patch = networks.adjust_patch(arch, patch, _architecture(arch, patch, dims).strides, dims)
     return Configuration(
         name=name, data_identifier=data_identifier, dims=dims, target_spacing=list(spacing)[-dims:],
         patch_size=list(patch), batch_size=2, median_shape=list(patch), normalization=["zscore"],
