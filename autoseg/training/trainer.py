@@ -341,9 +341,7 @@ def train(
                 seconds_per_iteration=lambda c, autocast: _measure_step(plans, c, torch_device, autocast),
                 num_threads=torch.get_num_threads() if torch_device.type == "cpu" else None)
         for reason in budget_reasons:
-            say(f"time budget {format_duration(budget_s)}: {reason}")
-        if context.is_main:
-            print("\n".join(f"      time budget: {r}" for r in budget_reasons), flush=True)
+            say(f"time budget {format_duration(budget_s)}: {reason}")  # console and log.txt
     iterations = iterations_per_epoch or budget_choice.iterations_per_epoch or DEFAULT_ITERATIONS
     val_iterations = validation_iterations or max(1, round(iterations * VALIDATION_FRACTION))
 
