@@ -56,7 +56,7 @@ def parse_duration(text: str | float | int | None) -> float | None:
             seconds = sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in _DURATION.findall(value))
         else:
             raise ConfigurationError(
-                f"--time-budget {text!r}: expected a duration like 20m, 1h30m, 23h or 90s, found {text!r}"
+                f"--time-budget {text!r}: expected a duration like 20m, 1h30m, 23h or 90s"
             )
     if seconds <= 0:
         raise ConfigurationError(f"--time-budget {text!r}: the budget must be positive")
