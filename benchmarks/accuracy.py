@@ -189,6 +189,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     for side in (ours, theirs):
         if side and side.get("training"):
             notes.append(f"{side['name']} training: {describe_training(side['training'], result['budget_s'])}")
+        if side and side.get("from_run"):
+            notes.append(f"{side['name']}: results of the run of {side['from_run']} (same split, budget and cases; "
+                         f"`--other-side-from`)")
     problems = result.get("problems", [])
     lines += [""] + [f"- {note}" for note in notes + [f"problem: {p}" for p in problems]]
     return "\n".join(lines).rstrip() + "\n"
@@ -405,6 +408,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def merge_previous_side(result: dict[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill the side this run skipped (``--skip-ours``/``--skip-nnunet``) from an earlier run's JSON, so that one
+    side can be re-run alone (e.g. after a fix to nnU-Net's budget driver) without re-training the other.
+
+    Only when that run measured the same thing: dataset, configuration, fold, budget, device and case ids of every
+    scored set must agree, otherwise the two sides would not be comparable and this raises BenchmarkError. The
+    copied side keeps its own date, which the table prints."""
+    for key in ("dataset", "configuration", "fold", "budget_s", "device", "sets"):
+        if result.get(key) != previous.get(key):
+            raise BenchmarkError(f"--other-side-from: that run's {key} ({previous.get(key)!r}) differs from this "
+                                 f"run's ({result.get(key)!r}); the sides would not be comparable")
+    merged = dict(result)
+    merged["sides"] = dict(result["sides"])
+    for name, side in previous.get("sides", {}).items():
+        if name not in merged["sides"]:
+            merged["sides"][name] = {**side, "from_run": previous.get("date")}
+            for tool in ("autoseg", "nnunetv2"):
+                if tool in previous.get("versions", {}) and tool not in merged["versions"]:
+                    merged["versions"] = {**merged["versions"], tool: previous["versions"][tool]}
+    return merged
+
+
 def autoseg_training_info(fold_dir: Path) -> dict[str, Any]:
     """Epochs / iterations / elapsed seconds as our trainer recorded them (timing.json, training_log.json);
     missing fields stay absent: the table then says less, never something wrong."""
@@ -444,6 +469,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-np", "--num-processes", type=int, default=2,
                         help="worker processes for planning/preprocessing/prediction/scoring, both tools")
     parser.add_argument("--overwrite", action="store_true", help="delete existing fold results of both tools first")
+    parser.add_argument("--other-side-from", default=None, metavar="JSON",
+                        help="with --skip-ours/--skip-nnunet: take the skipped side from this earlier run's JSON "
+                             "(same dataset, configuration, fold, budget, device and cases, else an error)")
     return parser.parse_args(argv)
 
 
@@ -455,8 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from autoseg.errors import AutosegError
 
+    if args.other_side_from and not (args.skip_ours or args.skip_nnunet):
+        print("accuracy.py: --other-side-from needs --skip-ours or --skip-nnunet", file=sys.stderr)
+        return 2
     try:
         result = run(args)
+        if args.other_side_from:
+            result = merge_previous_side(result, json.loads(Path(args.other_side_from).read_text()))
     except (BenchmarkError, AutosegError) as exc:
         print(f"accuracy.py: error: {exc}", file=sys.stderr)
         return 1

@@ -80,3 +80,32 @@ def test_describe_training_flags_overrun():
     assert line == "3 epochs, 154 iterations, training ended at 50 s, done (with final validation) at 58 s of 60 s"
     over = accuracy.describe_training({"epochs": 1, "elapsed_s": 326.0}, budget_s=60.0)
     assert "266 s OVER the budget" in over
+
+
+def _result(sides, date="2026-11-23 21:00", budget_s=1200.0, cases=("a", "b")):
+    return {"dataset": "Dataset201_X", "configuration": "2d", "fold": 0, "budget_s": budget_s, "device": "cpu",
+            "date": date, "versions": {name: "1" for name in sides},
+            "sets": {"fold 0 validation": {"num_cases": len(cases), "case_ids": list(cases)}},
+            "sides": {name: {"name": name, "stages": {}, "scores": {}, "training": {}} for name in sides}}
+
+
+def test_merge_previous_side_fills_only_the_skipped_side():
+    new = _result(["nnU-Net"], date="2026-11-23 22:30")
+    new["versions"] = {"autoseg": "0.1.0", "nnunetv2": "2.8.1"}
+    previous = _result(["autoseg", "nnU-Net"])
+    previous["sides"]["nnU-Net"]["training"] = {"epochs": 99}
+    merged = accuracy.merge_previous_side(new, previous)
+    assert set(merged["sides"]) == {"autoseg", "nnU-Net"}
+    assert merged["sides"]["autoseg"]["from_run"] == "2026-11-23 21:00"
+    assert merged["sides"]["nnU-Net"]["training"] == {}  # this run's nnU-Net side wins over the old one
+    assert "from_run" not in merged["sides"]["nnU-Net"]
+    assert new["sides"].keys() == {"nnU-Net"}  # the input is not modified
+    assert "results of the run of 2026-11-23 21:00" in accuracy.render_markdown(
+        {**merged, "machine": {"cpu": "x", "cores": 2, "memory_gib": 1}, "num_train": 1, "num_val": 2, "budget": "20m",
+         "labels": [], "label_names": {}})
+
+
+@pytest.mark.parametrize("change", [{"budget_s": 60.0}, {"cases": ("a", "c")}])
+def test_merge_previous_side_refuses_a_different_measurement(change):
+    with pytest.raises(common.BenchmarkError, match="not be comparable"):
+        accuracy.merge_previous_side(_result(["nnU-Net"]), _result(["autoseg"], **change))

@@ -75,8 +75,15 @@ def test_budget_driver_plan_epochs():
     calibration = {"train_step_s": 1.0, "val_step_s": 0.5, "checkpoint_save_s": 0.3}
     plan = driver.plan_epochs(time_left_s=1000.0, reserve_s=100.0, calibration=calibration, nominal=50)
     per_epoch = 50 * (1.0 + 0.2 * 0.5) + 0.3 + driver.PLOT_AND_LOG_S
-    assert plan["num_epochs"] == int(900 // per_epoch)
-    assert plan["num_iterations_per_epoch"] == 50 and plan["num_val_iterations_per_epoch"] == 10
+    assert plan["num_epochs"] == int(900 // per_epoch) == 16
+    # 16 nominal epochs leave 900 - 16 x 56 s idle: the iterations per epoch grow to fill it
+    assert plan["num_iterations_per_epoch"] == int((900 / 16 - 1.0) // 1.1) == 50
+    one_and_a_half = driver.plan_epochs(time_left_s=100.0 + 1.5 * per_epoch, reserve_s=100.0,
+                                        calibration=calibration, nominal=50)
+    assert one_and_a_half["num_epochs"] == 1
+    assert one_and_a_half["num_iterations_per_epoch"] == int((1.5 * per_epoch - 1.0) // 1.1) == 75
+    assert one_and_a_half["num_val_iterations_per_epoch"] == 15
+    assert one_and_a_half["per_epoch_estimate_s"] <= 1.5 * per_epoch
     short = driver.plan_epochs(time_left_s=40.0, reserve_s=10.0, calibration=calibration, nominal=50)
     assert short["num_epochs"] == 1
     assert short["num_iterations_per_epoch"] == int((30.0 - 1.0) // 1.1)
