@@ -75,15 +75,13 @@ print(json.dumps({"patch": list(patch), "batch": batch, "threads": torch.get_num
 """
 
 NNUNET_LOADER = r"""
-import json, os, sys, time, torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-preprocessed, batches = sys.argv[1], int(sys.argv[2])
-plans = load_json(os.path.join(preprocessed, "nnUNetPlans.json"))
-plans["continue_training"] = False  # nnunetv2 2.8.1 pops this key in nnUNetTrainer.__init__
-dataset_json = load_json(os.path.join(preprocessed, "dataset.json"))
-trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-trainer.initialize()  # sets batch size and oversampling (2.8.1)
+import json, multiprocessing, os, sys, time, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+dataset_id, batches = sys.argv[1], int(sys.argv[2])
+# built the way nnUNetv2_train builds it (plans, fold, device); initialize() sets batch size and oversampling
+trainer = get_trainer_from_args(dataset_id, "3d_fullres", 0, "nnUNetTrainer", "nnUNetPlans", False,
+                                device=torch.device("cpu"))
+trainer.initialize()
 train_loader, val_loader = trainer.get_dataloaders()
 for _ in range(4):
     next(train_loader)
@@ -91,7 +89,11 @@ start = time.perf_counter()
 for _ in range(batches):
     next(train_loader)
 elapsed = time.perf_counter() - start
-print(json.dumps({"batches_per_s": batches / elapsed}))
+print(json.dumps({"batches_per_s": batches / elapsed}), flush=True)
+# os._exit skips multiprocessing's exit handler, so the (daemon) augmentation workers must be ended here: they
+# would otherwise outlive us and hold the captured stdout open (that was the earlier "hang" of this benchmark)
+for child in multiprocessing.active_children():
+    child.terminate()
 os._exit(0)
 """
 
@@ -152,7 +154,8 @@ start = time.perf_counter()
 for _ in range(batches):
     next(loader)
 elapsed = time.perf_counter() - start
-print(json.dumps({"batches_per_s": batches / elapsed, "patch": config.patch_size, "batch": config.batch_size}))
+print(json.dumps({"batches_per_s": batches / elapsed, "patch": config.patch_size, "batch": config.batch_size}),
+      flush=True)
 loader.close()
 os._exit(0)
 """
@@ -160,7 +163,7 @@ os._exit(0)
 
 def _run(python: Path, code: str, args: list[str], env: dict | None = None) -> dict:
     result = subprocess.run([str(python), "-c", code, *args], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, cwd=REPO)
+                            env={**os.environ, **(env or {})}, cwd=REPO, timeout=1200)
     if result.returncode != 0:
         raise SystemExit(f"{python} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nnunet-venv", type=Path, default=REPO / ".venv-nnunet")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "training.md")
@@ -228,7 +231,7 @@ def main(argv=None) -> int:
             order = list(loader) if round_index % 2 == 0 else list(reversed(loader))
             for name in order:
                 if name == "nnU-Net":
-                    result = _run(nnunet_python, NNUNET_LOADER, [str(theirs_pre), str(args.batches)], env)
+                    result = _run(nnunet_python, NNUNET_LOADER, ["970", str(args.batches)], env)
                 else:
                     result = _run(ours_python, OURS_LOADER, [str(ours_pre), str(args.batches)])
                 loader[name].append(result["batches_per_s"])
