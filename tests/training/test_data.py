@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 
@@ -94,7 +96,9 @@ def test_loader_in_process_is_deterministic_and_workers_run(tiny2d):
     transforms = training_transforms((32, 32), settings, [(1.0, 1.0), (0.5, 0.5)])
     batches = []
     for _ in range(2):
+        # batchgenerators draws from numpy's and Python's global generators (the trainer seeds and checkpoints both)
         np.random.seed(1)
+        random.seed(1)
         loader = BatchLoader(sampler, transforms, num_workers=0)
         loader.reseed(np.random.default_rng(7))
         batches.append(next(loader))
@@ -104,3 +108,51 @@ def test_loader_in_process_is_deterministic_and_workers_run(tiny2d):
     batch = next(loader)
     assert batch["data"].shape == (2, 1, 32, 32) and batch["target"][1].shape == (2, 1, 16, 16)
     loader.close()
+
+
+def test_rotation_matrix_by_hand():
+    from autoseg.training.augmentation import rotation_matrix
+
+    quarter = rotation_matrix([np.pi / 2])
+    assert np.allclose(quarter @ [1, 0], [0, 1])
+    m = rotation_matrix([0.3, -0.7, 1.1])
+    assert np.allclose(m @ m.T, np.eye(3)) and np.isclose(np.linalg.det(m), 1.0)
+    assert np.allclose(rotation_matrix([0.0, 0.0, np.pi / 2]) @ [1, 0, 0], [0, 1, 0])  # about axis 2: 0 -> 1
+
+
+def test_rotate_scale_crop_geometry():
+    from autoseg.training.augmentation import RotateScaleCrop
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(1, 2, 9, 9)).astype(np.float32)
+    seg = rng.integers(0, 3, size=(1, 1, 9, 9)).astype(np.float32)
+    transform = RotateScaleCrop((5, 5), (np.pi,), p_rotation=0.0, scale=(0.7, 1.4), p_scale=0.0)
+    out = transform(data=data.copy(), seg=seg.copy())  # neither rotated nor scaled: centre crop
+    assert np.array_equal(out["data"], data[:, :, 2:7, 2:7]) and np.array_equal(out["seg"], seg[:, :, 2:7, 2:7])
+    # a quarter turn about the centre: the grid path reproduces np.rot90 of the centre crop exactly
+    transform._draw_matrix = lambda: np.array([[0.0, -1.0], [1.0, 0.0]])
+    out = transform(data=data.copy(), seg=seg.copy())
+    expected = np.rot90(data[:, :, 2:7, 2:7], k=1, axes=(2, 3))
+    turned = [np.allclose(out["data"], np.rot90(data[:, :, 2:7, 2:7], k=k, axes=(2, 3)), atol=1e-5) for k in (1, 3)]
+    assert any(turned), (out["data"][0, 0], expected[0, 0])
+    seg_turned = [np.array_equal(out["seg"], np.rot90(seg[:, :, 2:7, 2:7], k=k, axes=(2, 3))) for k in (1, 3)]
+    assert seg_turned == turned  # labels turn with the image
+    # zooming out (factor 3) reaches past the sample: the image there is 0 and the label -1 (trained as background)
+    transform._draw_matrix = lambda: np.eye(2) * 3.0
+    out = transform(data=data.copy(), seg=seg.copy())
+    assert out["seg"][0, 0, 0, 0] == -1 and out["data"][0, 0, 0, 0] == 0
+    assert set(np.unique(out["seg"])) <= {-1.0, 0.0, 1.0, 2.0}
+    assert np.array_equal(out["seg"][0, 0, 2, 2], seg[0, 0, 4, 4])  # the centre stays put
+
+
+def test_rotate_scale_crop_dummy_2d_keeps_slices_apart():
+    from autoseg.training.augmentation import RotateScaleCrop
+
+    # dummy 2D folds the first axis into channels: each slice's labels must be interpolated on their own
+    seg = np.zeros((1, 3, 11, 11), dtype=np.float32)
+    seg[0, 1] = 2
+    transform = RotateScaleCrop((7, 7), (np.pi,), p_rotation=1.0, scale=(0.7, 1.4), p_scale=0.0)
+    np.random.seed(3)
+    out = transform(data=seg.copy(), seg=seg.copy())
+    assert set(np.unique(out["seg"][0, 0])) <= {-1.0, 0.0} and set(np.unique(out["seg"][0, 2])) <= {-1.0, 0.0}
+    assert (out["seg"][0, 1, 3, 3] == 2) and set(np.unique(out["seg"][0, 1])) <= {-1.0, 2.0}
