@@ -156,3 +156,53 @@ def test_rotate_scale_crop_dummy_2d_keeps_slices_apart():
     out = transform(data=seg.copy(), seg=seg.copy())
     assert set(np.unique(out["seg"][0, 0])) <= {-1.0, 0.0} and set(np.unique(out["seg"][0, 2])) <= {-1.0, 0.0}
     assert (out["seg"][0, 1, 3, 3] == 2) and set(np.unique(out["seg"][0, 1])) <= {-1.0, 2.0}
+
+
+def test_simulate_low_resolution_blurs_only_chosen_channels_and_axes():
+    from autoseg.training.augmentation import SimulateLowResolution
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, 2, 6, 16, 16)).astype(np.float32)
+    never = SimulateLowResolution((0.5, 0.5), p_per_sample=0.0, p_per_channel=1.0)
+    assert np.array_equal(never(data=data.copy())["data"], data)
+    always = SimulateLowResolution((0.5, 0.5), p_per_sample=1.0, p_per_channel=1.0, ignore_axes=(0,))
+    out = always(data=data.copy())["data"]
+    assert out.shape == data.shape and out.dtype == np.float32
+    # each slice along the ignored axis 0 is smoothed in-plane only: a constant slice stays exactly constant
+    steps = np.zeros((1, 1, 4, 16, 16), dtype=np.float32)
+    steps[0, 0] = np.arange(4, dtype=np.float32)[:, None, None]
+    assert np.allclose(always(data=steps.copy())["data"], steps)
+    # the detail is gone: neighbouring voxels become more alike than in the white-noise input
+    def roughness(a):
+        return np.abs(np.diff(a, axis=-1)).mean()
+    assert roughness(out) < 0.8 * roughness(data)
+
+
+def test_rotate_scale_crop_axis_order_on_a_non_square_sample():
+    from autoseg.training.augmentation import RotateScaleCrop
+
+    data = np.arange(7 * 11, dtype=np.float32).reshape(1, 1, 7, 11)
+    transform = RotateScaleCrop((5, 5), (0.0,), p_rotation=1.0, scale=(1.0, 1.0), p_scale=0.0)
+    transform._draw_matrix = lambda: np.diag([1.0, 2.0])  # zoom out along array axis 1 only
+    out = transform(data=data.copy(), seg=np.zeros_like(data))["data"][0, 0]
+    # centre (3, 5) of the sample, (2, 2) of the patch: out[i, j] = in[3 + (i - 2), 5 + 2 (j - 2)]
+    expected = data[0, 0][1:6, 1:10:2]
+    assert np.allclose(out, expected, atol=1e-4), out
+
+
+def test_rotate_scale_crop_axis_order_3d():
+    from autoseg.training.augmentation import RotateScaleCrop
+
+    data = np.arange(5 * 7 * 11, dtype=np.float32).reshape(1, 1, 5, 7, 11)
+    transform = RotateScaleCrop((3, 3, 5), (0.0, 0.0, 0.0), p_rotation=1.0, scale=(1.0, 1.0), p_scale=0.0)
+    transform._draw_matrix = lambda: np.diag([1.0, 1.0, 2.0])
+    out = transform(data=data.copy(), seg=np.zeros_like(data))["data"][0, 0]
+    assert np.allclose(out, data[0, 0][1:4, 2:5, 1:10:2], atol=1e-3)
+    # a quarter turn in the plane of axes 1 and 2 (about axis 0) keeps every slice along axis 0 apart
+    transform._draw_matrix = lambda: np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
+    cube = np.arange(5 * 9 * 9, dtype=np.float32).reshape(1, 1, 5, 9, 9)
+    turned = RotateScaleCrop((3, 5, 5), (0.0,) * 3, 1.0, (1.0, 1.0), 0.0)
+    turned._draw_matrix = transform._draw_matrix
+    out = turned(data=cube.copy(), seg=np.zeros_like(cube))["data"][0, 0]
+    crop = cube[0, 0][1:4, 2:7, 2:7]
+    assert any(np.allclose(out, np.rot90(crop, k=k, axes=(1, 2)), atol=1e-3) for k in (1, 3))
