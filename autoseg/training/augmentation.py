@@ -71,6 +71,11 @@ def sample_size_for(patch_size: Sequence[int], settings: AugmentationSettings) -
     return enlarged_patch_size(patch_size, settings.rotation)
 
 
+def centre_crop(shape: Sequence[int], patch_size: Sequence[int]) -> tuple[slice, ...]:
+    """Slices of the centred ``patch_size`` region of a ``shape`` (lower side gets the odd voxel)."""
+    return tuple(slice((n - p) // 2, (n - p) // 2 + p) for n, p in zip(shape, patch_size))
+
+
 def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
     """Rotation in array-axis order: one angle (2D, in-plane) or three (3D: about axes 0, 1 and 2, in turn)."""
     if len(angles) == 1:
@@ -142,8 +147,7 @@ class RotateScaleCrop(AbstractTransform):
     def __call__(self, **batch: Any) -> dict[str, Any]:
         data, seg = batch["data"], batch["seg"]
         spatial = data.shape[2:]
-        starts = [(n - p) // 2 for n, p in zip(spatial, self.patch_size)]
-        crop = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
+        crop = centre_crop(spatial, self.patch_size)
         data_out = np.empty((data.shape[0], data.shape[1], *self.patch_size), dtype=np.float32)
         seg_out = np.empty((seg.shape[0], seg.shape[1], *self.patch_size), dtype=np.float32)
         for b in range(data.shape[0]):
@@ -290,9 +294,7 @@ class CentreCrop(AbstractTransform):
     def __call__(self, **batch: Any) -> dict[str, Any]:
         for key in ("data", "seg"):
             array = batch[key]
-            starts = [(n - p) // 2 for n, p in zip(array.shape[2:], self.patch_size)]
-            index = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
-            batch[key] = array[(slice(None), slice(None)) + index]
+            batch[key] = array[(slice(None), slice(None)) + centre_crop(array.shape[2:], self.patch_size)]
         return batch
 
 
