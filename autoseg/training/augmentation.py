@@ -104,13 +104,15 @@ class RotateScaleCrop(AbstractTransform):
     ``grid_sample``: (bi/tri)linear for the image, linear on one-hot labels then argmax for the segmentation.
 
     Same parameters and draws as batchgenerators' ``SpatialTransform`` with ``random_crop=False`` (rotation and
-    scaling each with ``p`` per sample, one angle per rotation axis, isotropic scale), but about 4x cheaper per
+    scaling each with ``p`` per sample, one angle per rotation axis, isotropic scale), but much cheaper per
     batch: that transform's scipy ``map_coordinates`` (cubic spline prefilter for the image, one pass per label
     for the segmentation) was 84 % of our loader's time (benchmarks/results/training.md). Linear image
     interpolation is also what the reference method's current augmentation uses. Samples that are neither
-    rotated nor scaled are only cropped. Points that fall outside the sample get image 0 and label -1, which
-    :class:`LabelsToTargets` trains as background. Random numbers come from numpy's global generator, like
-    the other batchgenerators transforms, so a seeded in-process loader stays reproducible.
+    rotated nor scaled are only cropped; the others go through one ``grid_sample`` call together, image and
+    foreground labels as channels of one input (the sampling cost is mostly per point, not per channel).
+    Points that fall outside the sample get image 0 and count as background, as the padding of the sample
+    does. Random numbers come from numpy's global generator, like the other batchgenerators transforms, so a
+    seeded in-process loader stays reproducible.
     """
 
     def __init__(self, patch_size: Sequence[int], rotation: Sequence[float], p_rotation: float,
@@ -118,6 +120,7 @@ class RotateScaleCrop(AbstractTransform):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.rotation = tuple(float(a) for a in rotation)  # max angle per rotation axis (1 in 2D, 3 in 3D)
         self.p_rotation, self.scale, self.p_scale = p_rotation, scale, p_scale
+        self._base: list[torch.Tensor] | None = None
 
     def _draw_matrix(self) -> np.ndarray | None:
         rotate = np.random.uniform() < self.p_rotation
@@ -131,52 +134,75 @@ class RotateScaleCrop(AbstractTransform):
             matrix = matrix * _draw_scale(self.scale)
         return matrix
 
-    def _grid(self, matrix: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-        """grid_sample's grid for "input position = sample centre + matrix @ (offset from the patch centre)".
+    def _axes(self) -> list[torch.Tensor]:
+        """Normalised patch coordinate along each array axis, -1 and 1 at the first and last voxel centre,
+        shaped to broadcast over the patch (built once per transform)."""
+        if self._base is None:
+            dims = len(self.patch_size)
+            self._base = [
+                (torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1)).reshape(
+                    [n if a == axis else 1 for a in range(dims)])
+                for axis, n in enumerate(self.patch_size)
+            ]
+        return self._base
 
-        In grid_sample's normalised coordinates (align_corners=True: -1 and 1 are the first and last voxel
-        centres) that map is linear with no shift, so torch's ``affine_grid`` builds it in one call; its axes run
-        x, y(, z), the reverse of our array axes."""
+    def _grid(self, matrix: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+        """grid_sample's grid ``[1, *patch, dims]`` for "input position = sample centre + matrix @ (offset from
+        the patch centre)". In normalised coordinates (align_corners=True) that map is linear with no shift; the
+        grid's last axis runs x, y(, z), the reverse of our array axes. Built from the separable per-axis
+        coordinates by broadcasting: torch's ``affine_grid`` (a matmul over every patch point) cost as much as
+        sampling one channel."""
         half_input = (np.asarray(shape, dtype=np.float64) - 1) / 2
         half_patch = (np.asarray(self.patch_size, dtype=np.float64) - 1) / 2
         linear = (matrix * half_patch[None, :]) / np.maximum(half_input, 0.5)[:, None]
-        theta = np.zeros((len(shape), len(shape) + 1), dtype=np.float32)
-        theta[:, :-1] = linear[::-1, ::-1]
-        return F.affine_grid(torch.from_numpy(theta)[None], [1, 1, *self.patch_size], align_corners=True)
+        axes = self._axes()
+        components = []
+        for row in linear[::-1]:  # input axes in grid order: last array axis first
+            component = axes[0] * float(row[0])
+            for axis in range(1, len(axes)):
+                component = component + axes[axis] * float(row[axis])
+            components.append(component)
+        return torch.stack(components, dim=-1)[None]
 
     def __call__(self, **batch: Any) -> dict[str, Any]:
         data, seg = batch["data"], batch["seg"]
         spatial = data.shape[2:]
-        crop = centre_crop(spatial, self.patch_size)
-        data_out = np.empty((data.shape[0], data.shape[1], *self.patch_size), dtype=np.float32)
-        seg_out = np.empty((seg.shape[0], seg.shape[1], *self.patch_size), dtype=np.float32)
-        for b in range(data.shape[0]):
-            matrix = self._draw_matrix()
-            if matrix is None:
-                data_out[b] = data[(b, slice(None)) + crop]
-                seg_out[b] = seg[(b, slice(None)) + crop]
-                continue
-            grid = self._grid(matrix, spatial)
-            image = torch.from_numpy(np.ascontiguousarray(data[b], dtype=np.float32))[None]
-            data_out[b] = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                                        align_corners=True)[0].numpy()
-            labels = np.unique(seg[b])
-            one_hot = torch.from_numpy(np.stack([seg[b] == label for label in labels]).astype(np.float32))
-            channels = seg.shape[1]  # > 1 only for "dummy 2D", where the first axis is folded into channels
-            weights = F.grid_sample(one_hot.reshape(1, len(labels) * channels, *spatial), grid, mode="bilinear",
-                                    padding_mode="zeros", align_corners=True)[0]
-            weights = weights.reshape(len(labels), channels, *self.patch_size)
-            # argmax over labels as a running maximum: torch's argmax along the first axis is ~10x slower here
-            best_weight, result, total = weights[0].clone(), torch.full_like(weights[0], float(labels[0])), weights[0]
-            for index in range(1, len(labels)):
-                higher = weights[index] > best_weight
-                best_weight = torch.where(higher, weights[index], best_weight)
-                result[higher] = float(labels[index])
-                total = total + weights[index]
-            result[total < 0.5] = -1  # mostly outside the sample
-            seg_out[b] = result.numpy()
+        crop = (slice(None), slice(None)) + centre_crop(spatial, self.patch_size)
+        data_out = np.array(data[crop], dtype=np.float32)
+        seg_out = np.array(seg[crop], dtype=np.float32)
+        matrices = [self._draw_matrix() for _ in range(data.shape[0])]
+        chosen = [b for b, matrix in enumerate(matrices) if matrix is not None]
+        if chosen:
+            grid = torch.cat([self._grid(matrices[b], spatial) for b in chosen])
+            data_out[chosen], seg_out[chosen] = self._resample(data[chosen], seg[chosen], grid)
         batch["data"], batch["seg"] = data_out, seg_out
         return batch
+
+    def _resample(self, data: np.ndarray, seg: np.ndarray, grid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image and labels of the chosen samples on ``grid``. Labels: one channel per foreground label (and
+        per folded slice in "dummy 2D"); background's weight is what the foreground leaves, 1 - sum, so the
+        padding outside the sample counts as background without a channel of its own."""
+        samples, image_channels, seg_channels = data.shape[0], data.shape[1], seg.shape[1]
+        top = int(seg.max()) if seg.size else 0
+        stack = np.empty((samples, image_channels + top * seg_channels, *data.shape[2:]), dtype=np.float32)
+        stack[:, :image_channels] = data
+        for label in range(1, top + 1):
+            first = image_channels + (label - 1) * seg_channels
+            np.equal(seg, label, out=stack[:, first:first + seg_channels])
+        sampled = F.grid_sample(torch.from_numpy(stack), grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=True)
+        image = sampled[:, :image_channels].numpy()
+        weights = sampled[:, image_channels:].reshape(samples, top, seg_channels, *self.patch_size)
+        result = torch.zeros((samples, seg_channels, *self.patch_size))
+        if top:
+            # argmax as a running maximum (torch's argmax along a leading axis is ~10x slower here); strict >
+            # so ties go to the lower label
+            best = 1.0 - weights.sum(dim=1)
+            for label in range(1, top + 1):
+                higher = weights[:, label - 1] > best
+                best = torch.where(higher, weights[:, label - 1], best)
+                result[higher] = float(label)
+        return image, result.numpy()
 
 
 class SimulateLowResolution(AbstractTransform):
@@ -242,7 +268,6 @@ class LabelsToTargets(AbstractTransform):
 
     def __call__(self, **batch: Any) -> dict[str, Any]:
         seg = np.rint(batch.pop("seg")).astype(np.int16)
-        np.maximum(seg, 0, out=seg)  # border fill of the spatial transform is -1 -> background
         batch["target"] = deep_supervision_targets(seg, self.scales) if self.scales else [seg]
         batch["data"] = np.ascontiguousarray(batch["data"], dtype=np.float32)
         return batch

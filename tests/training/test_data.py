@@ -137,11 +137,13 @@ def test_rotate_scale_crop_geometry():
     assert any(turned), (out["data"][0, 0], expected[0, 0])
     seg_turned = [np.array_equal(out["seg"], np.rot90(seg[:, :, 2:7, 2:7], k=k, axes=(2, 3))) for k in (1, 3)]
     assert seg_turned == turned  # labels turn with the image
-    # zooming out (factor 3) reaches past the sample: the image there is 0 and the label -1 (trained as background)
+    # zooming out (factor 3) reaches past the sample: the image there is 0 and the label background
+    seg_fg = seg + 1  # no background inside the sample, so a 0 can only come from outside it
     transform._draw_matrix = lambda: np.eye(2) * 3.0
-    out = transform(data=data.copy(), seg=seg.copy())
-    assert out["seg"][0, 0, 0, 0] == -1 and out["data"][0, 0, 0, 0] == 0
-    assert set(np.unique(out["seg"])) <= {-1.0, 0.0, 1.0, 2.0}
+    out = transform(data=data.copy(), seg=seg_fg.copy())
+    assert out["seg"][0, 0, 0, 0] == 0 and out["data"][0, 0, 0, 0] == 0
+    assert set(np.unique(out["seg"])) == {0.0, 1.0, 2.0, 3.0}
+    seg = seg_fg
     assert np.array_equal(out["seg"][0, 0, 2, 2], seg[0, 0, 4, 4])  # the centre stays put
 
 
@@ -154,8 +156,8 @@ def test_rotate_scale_crop_dummy_2d_keeps_slices_apart():
     transform = RotateScaleCrop((7, 7), (np.pi,), p_rotation=1.0, scale=(0.7, 1.4), p_scale=0.0)
     np.random.seed(3)
     out = transform(data=seg.copy(), seg=seg.copy())
-    assert set(np.unique(out["seg"][0, 0])) <= {-1.0, 0.0} and set(np.unique(out["seg"][0, 2])) <= {-1.0, 0.0}
-    assert (out["seg"][0, 1, 3, 3] == 2) and set(np.unique(out["seg"][0, 1])) <= {-1.0, 2.0}
+    assert set(np.unique(out["seg"][0, 0])) == {0.0} and set(np.unique(out["seg"][0, 2])) == {0.0}
+    assert (out["seg"][0, 1, 3, 3] == 2) and set(np.unique(out["seg"][0, 1])) <= {0.0, 2.0}
 
 
 def test_simulate_low_resolution_blurs_only_chosen_channels_and_axes():
@@ -206,3 +208,36 @@ def test_rotate_scale_crop_axis_order_3d():
     out = turned(data=cube.copy(), seg=np.zeros_like(cube))["data"][0, 0]
     crop = cube[0, 0][1:4, 2:7, 2:7]
     assert any(np.allclose(out, np.rot90(crop, k=k, axes=(1, 2)), atol=1e-3) for k in (1, 3))
+
+
+def test_rotate_scale_crop_matches_one_hot_argmax_and_affine_grid():
+    import torch
+    import torch.nn.functional as F
+
+    from autoseg.training.augmentation import RotateScaleCrop, rotation_matrix
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(3, 2, 15, 17, 16)).astype(np.float32)
+    seg = np.zeros((3, 1, 15, 17, 16), dtype=np.float32)
+    seg[:, :, 3:12, 4:14, 3:13] = rng.integers(0, 4, size=(3, 1, 9, 10, 10))
+    transform = RotateScaleCrop((7, 9, 8), (0.5,) * 3, p_rotation=1.0, scale=(0.9, 1.1), p_scale=0.0)
+    matrix = rotation_matrix([0.3, -0.2, 0.4]) * 0.9
+    draws = iter([matrix, None, matrix])  # the middle sample is only cropped
+    transform._draw_matrix = lambda: next(draws)
+    out = transform(data=data.copy(), seg=seg.copy())
+    grid = transform._grid(matrix, data.shape[2:])
+    # the cached base grid gives torch's affine_grid for the same map
+    half_in, half_patch = (np.array(data.shape[2:]) - 1) / 2, (np.array((7, 9, 8)) - 1) / 2
+    theta = np.zeros((3, 4), dtype=np.float32)
+    theta[:, :3] = ((matrix * half_patch[None]) / half_in[:, None])[::-1, ::-1]
+    reference_grid = F.affine_grid(torch.from_numpy(theta)[None], [1, 1, 7, 9, 8], align_corners=True)
+    assert torch.allclose(grid, reference_grid, atol=1e-6)
+    # labels: argmax of the linearly interpolated one-hot of every label, background included
+    for b in (0, 2):
+        one_hot = torch.from_numpy(np.stack([seg[b, 0] == k for k in range(4)]).astype(np.float32))[None]
+        weights = F.grid_sample(one_hot, grid, mode="bilinear", align_corners=True)[0]
+        assert np.array_equal(out["seg"][b, 0], weights.argmax(0).numpy().astype(np.float32))
+        image = F.grid_sample(torch.from_numpy(data[b])[None], grid, mode="bilinear", align_corners=True)[0]
+        assert np.allclose(out["data"][b], image.numpy(), atol=1e-5)
+    assert np.array_equal(out["data"][1], data[1][:, 4:11, 4:13, 4:12])
+    assert np.array_equal(out["seg"][1], seg[1][:, 4:11, 4:13, 4:12])
