@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 from common import (BenchmarkError, Measurement, format_number, format_seconds, machine_description, markdown_table,
                     parse_budget, run_measured)
-from nnunet_side import NnUNet, load_splits_file
+from nnunet_side import NnUNet, load_splits_file, nnunet_fold_dir
 
 log = logging.getLogger("accuracy")
 
@@ -333,6 +333,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("configuration %s, fold %d: %d training / %d validation cases%s", configuration, fold, len(train_ids),
              len(val_ids), f", {len(test_ids)} test cases" if test_ids else "")
 
+    if not args.overwrite:
+        # both sides are checked before the first budget is spent: finding nnU-Net's old fold only after our
+        # side had trained would throw away that side's run
+        blocking = already_trained(
+            None if args.skip_ours else fold_folder(location, configuration, architecture, fold),
+            None if args.skip_nnunet else nnunet_fold_dir(work / "nnunet", location.name, configuration, fold))
+        if blocking:
+            raise BenchmarkError(f"{', '.join(map(str, blocking))}: a trained fold is already there; pass "
+                                 "--overwrite to train again, or use another --root/--workdir")
     if not args.skip_ours:
         ours.stages["preprocess"] = run_measured(
             [*cli, "preprocess", location.name, "-c", configuration, "-np", str(args.num_processes), *common_args],
@@ -473,6 +482,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="with --skip-ours/--skip-nnunet: take the skipped side from this earlier run's JSON "
                              "(same dataset, configuration, fold, budget, device and cases, else an error)")
     return parser.parse_args(argv)
+
+
+def already_trained(*fold_dirs: Path | None) -> list[Path]:
+    """The fold folders of this run (None: side skipped) that exist already."""
+    return [d for d in fold_dirs if d is not None and d.exists()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,8 +147,7 @@ class NnUNet:
         return self.preprocessed / self.dataset_name(dataset_id)
 
     def fold_dir(self, dataset_id: int | str, configuration: str, fold: int | str) -> Path:
-        folder = TRAINER_FOLDER.format(trainer=TRAINER, plans=PLANS, configuration=configuration)
-        return self.results / self.dataset_name(dataset_id) / folder / f"fold_{fold}"
+        return nnunet_fold_dir(self.workdir, self.dataset_name(dataset_id), configuration, fold)
 
     # ---------------------------------------------------------------------------------------- commands
     def fingerprint_and_plan(self, dataset_id: int | str, num_processes: int | None = None) -> Measurement:
@@ -225,6 +224,12 @@ class NnUNet:
 
 
 # -------------------------------------------------------------------------------------- pure helpers
+def nnunet_fold_dir(workdir: Path, dataset_name: str, configuration: str, fold: int | str) -> Path:
+    """``<workdir>/nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>/fold_<k>`` (nnU-Net's layout)."""
+    folder = TRAINER_FOLDER.format(trainer=TRAINER, plans=PLANS, configuration=configuration)
+    return Path(workdir) / "nnUNet_results" / dataset_name / folder / f"fold_{fold}"
+
+
 def dataset_number(folder_name: str) -> int:
     """``"Dataset970_SynthMR"`` -> 970; anything else raises (nnU-Net finds datasets by this pattern only)."""
     import re

@@ -109,3 +109,10 @@ def test_merge_previous_side_fills_only_the_skipped_side():
 def test_merge_previous_side_refuses_a_different_measurement(change):
     with pytest.raises(common.BenchmarkError, match="not be comparable"):
         accuracy.merge_previous_side(_result(["nnU-Net"]), _result(["autoseg"], **change))
+
+
+def test_already_trained_names_existing_fold_folders_of_the_sides_that_run(tmp_path):
+    ours, theirs = tmp_path / "ours" / "fold_0", tmp_path / "theirs" / "fold_0"
+    theirs.mkdir(parents=True)
+    assert accuracy.already_trained(ours, theirs) == [theirs]
+    assert accuracy.already_trained(ours, None) == []  # nnU-Net skipped: its old fold does not matter
