@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "log.txt and progress.png to results/<dataset>/<config>__<arch>/fold_<k>/ and, at the end, "
                 "predicts the fold's validation cases. Use torchrun for several GPUs (docs/cluster.md).")
     p.add_argument("dataset")
-    p.add_argument("configuration", help="e.g. 3d_fullres, 2d, 3d_fullres_unetrpp")
+    p.add_argument("configuration", help="e.g. 3d_fullres, 2d, 3d_fullres_unetrpp; 3d_cascade_fullres once all five "
+                   "3d_lowres folds are trained (their validation predictions are its inputs)")
     p.add_argument("fold", help="0-4 or all")
     p.add_argument("--arch", default=None, help="architecture (default: the configuration's)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default from the plan: 1000)")

@@ -129,6 +129,11 @@ class Plans:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    def network_in_channels(self, configuration: Configuration) -> int:
+        """Input channels of ``configuration``'s network: the image channels, plus for a cascade stage one
+        channel per foreground class of the previous stage's segmentation (background gets none)."""
+        return self.num_channels + (self.num_classes - 1 if configuration.previous_stage else 0)
+
     def configuration(self, name: str, architecture: str | None = None) -> Configuration:
         """Look up a configuration by name, or by base name + architecture (``"3d_fullres", "unetrpp"``)."""
         candidates = [name]

@@ -242,3 +242,25 @@ def restore_segmentation(segmentation: np.ndarray, properties: CaseProperties, c
     )
     full = uncrop(resampled, properties.bbox, properties.shape_before_crop, 0)
     return full.reshape(properties.geometry.shape)
+
+
+def preprocess_label(label: np.ndarray, properties: CaseProperties, configuration: Configuration) -> np.ndarray:
+    """A label map on a case's original grid (``[(Z,) Y, X]``, e.g. another model's prediction) -> int8
+    ``[1, Z, Y, X]`` on the case's preprocessed grid: the crop box and resampling :func:`preprocess_case` gave
+    that case's label, without needing its image again."""
+    if label.ndim == properties.geometry.dims + 1 and label.shape[0] == 1:
+        label = label[0]
+    if tuple(label.shape) != tuple(properties.geometry.shape):
+        raise DatasetError(
+            f"{properties.case_id or 'case'}: label map shape {tuple(label.shape)} differs from the image's "
+            f"{tuple(properties.geometry.shape)}; it must lie on the case's original grid"
+        )
+    if label.size and (label.min() < 0 or label.max() > 127):
+        raise DatasetError(f"{properties.case_id or 'case'}: label values range {label.min()}..{label.max()}; "
+                           "expected 0..127")
+    full = label[None] if properties.geometry.dims == 2 else label  # 2D images: dummy Z, as preprocess_case
+    cropped = crop_to_box(full.astype(np.int8), properties.bbox)
+    resampling = configuration.resampling
+    resampled = resample_labels(cropped, properties.shape_after_resampling, resampling.order_label,
+                                _restore_axis(properties, configuration), resampling.order_z)
+    return resampled[None].astype(np.int8)

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from autoseg.preprocessing.store import CaseProperties, image_path, label_path, load_properties
+from autoseg.training.cascade import load_previous_stage
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,12 @@ class _Case:
 
 
 class PatchSampler:
-    """Draws batches ``{"data": float32 [B, C, *sample], "seg": float32 [B, 1, *sample]}`` from the store.
+    """Draws batches ``{"data": float32 [B, C, *sample], "seg": float32 [B, S, *sample]}`` from the store.
 
     ``sample_size`` is the (enlarged) size to read, in network axes (2 or 3 entries); ``dims`` 2 samples
     single slices. Arrays are opened lazily per process (safe with fork and spawn workers).
+    ``previous_stage``: a cascade's folder of previous-stage segmentations (``autoseg.training.cascade``),
+    read into ``seg`` channel 1 so the spatial augmentation moves them with the label (then S = 2, else 1).
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class PatchSampler:
         batch_size: int,
         dims: int,
         oversample_foreground: float = FOREGROUND_OVERSAMPLING,
+        previous_stage: str | os.PathLike | None = None,
     ) -> None:
         if not case_ids:
             raise ValueError("PatchSampler needs at least one case")
@@ -128,8 +132,10 @@ class PatchSampler:
         self.batch_size = int(batch_size)
         self.dims = int(dims)
         self.oversample_foreground = oversample_foreground
+        self.previous_stage = Path(previous_stage) if previous_stage is not None else None
         self.cases = [self._describe(c) for c in self.case_ids]
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._previous: dict[str, np.ndarray] = {}
 
     def _describe(self, case_id: str) -> _Case:
         properties = load_properties(self.folder, case_id)
@@ -142,7 +148,7 @@ class PatchSampler:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_arrays"] = {}  # memory maps are reopened in each worker
+        state["_arrays"], state["_previous"] = {}, {}  # memory maps are reopened in each worker
         return state
 
     def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +157,17 @@ class PatchSampler:
             seg = np.load(label_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
             self._arrays[case_id] = (data, seg)
         return self._arrays[case_id]
+
+    def previous(self, case_id: str) -> np.ndarray:
+        """The cascade's previous-stage segmentation ``[1, Z, Y, X]`` of a case (memory-mapped)."""
+        if case_id not in self._previous:
+            assert self.previous_stage is not None
+            self._previous[case_id] = load_previous_stage(self.previous_stage, case_id, mmap=True)
+        return self._previous[case_id]
+
+    @property
+    def seg_channels(self) -> int:
+        return 1 if self.previous_stage is None else 2
 
     def _bounds(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
         """Lowest and highest patch start per axis: a patch may hang over the border by half the padding
@@ -168,7 +185,7 @@ class PatchSampler:
         force_foreground: bool,
         out: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, str]:
-        """One patch ``(data [C, *sample], seg [1, *sample], case_id)``; regions outside the image are 0.
+        """One patch ``(data [C, *sample], seg [S, *sample], case_id)``; regions outside the image are 0.
 
         ``out``: zero-filled ``(data, seg)`` arrays of those shapes to read into (what :meth:`sample_batch`
         passes, so a patch is copied once, from the memory map into the batch); new arrays when omitted.
@@ -192,29 +209,33 @@ class PatchSampler:
             start = [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
         if out is None:
             out = (np.zeros((data.shape[0], *self.sample_size), dtype=np.float32),
-                   np.zeros((1, *self.sample_size), dtype=np.float32))
+                   np.zeros((self.seg_channels, *self.sample_size), dtype=np.float32))
+        if self.previous_stage is not None:
+            seg = (seg, self.previous(case.case_id))
         self._read(data, seg, z, spatial_shape, start, *out)
         return (*out, case.case_id)
 
     def _read(self, data, seg, z, spatial_shape, start, image: np.ndarray, label: np.ndarray) -> None:
         """Copy the part of the patch inside the image from the memory map into the zero-filled ``image`` and
         ``label``; the rest stays 0. Small images are mostly padding (a 42x55x44 case in a 78x86x82 sample), so
-        writing into the batch array directly instead of np.pad + np.stack saves two copies per sample."""
+        writing into the batch array directly instead of np.pad + np.stack saves two copies per sample.
+        ``seg`` is the label map, or ``(label map, previous-stage map)`` for a cascade."""
         valid = tuple(slice(max(0, s), min(n, s + p)) for s, n, p in zip(start, spatial_shape, self.sample_size))
         inside = tuple(slice(v.start - s, v.stop - s) for v, s in zip(valid, start))
         prefix = (slice(None),) if z is None else (slice(None), z)
         image[(slice(None),) + inside] = data[prefix + valid]
-        target = label[(slice(None),) + inside]
-        target[...] = seg[prefix + valid]
-        np.maximum(target, 0, out=target)  # -1 (outside the nonzero mask) trains as background
+        for channel, source in enumerate(seg if isinstance(seg, tuple) else (seg,)):
+            target = label[(slice(channel, channel + 1),) + inside]
+            target[...] = source[prefix + valid]
+            np.maximum(target, 0, out=target)  # -1 (outside the nonzero mask) trains as background
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """``{"data": [B, C, *sample], "seg": [B, 1, *sample], "keys": case ids}`` with foreground
+        """``{"data": [B, C, *sample], "seg": [B, S, *sample], "keys": case ids}`` with foreground
         oversampling of the last samples."""
         batch_size = batch_size or self.batch_size
         channels = self.arrays(self.case_ids[0])[0].shape[0]
         images = np.zeros((batch_size, channels, *self.sample_size), dtype=np.float32)
-        labels = np.zeros((batch_size, 1, *self.sample_size), dtype=np.float32)
+        labels = np.zeros((batch_size, self.seg_channels, *self.sample_size), dtype=np.float32)
         keys = []
         for index in range(batch_size):
             force = forced_foreground(index, batch_size, self.oversample_foreground)

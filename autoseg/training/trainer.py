@@ -51,6 +51,12 @@ from autoseg.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from autoseg.training.cascade import (
+    load_previous_stage,
+    prepare_previous_stage,
+    previous_stage_folder,
+    previous_stage_sources,
+)
 from autoseg.training.data import PatchSampler
 from autoseg.training.loader import BatchLoader
 from autoseg.training.losses import deep_supervision_loss, deep_supervision_weights
@@ -143,13 +149,6 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
         )
     plans = load_plans(plans_file)
     config = plans.configuration(configuration, architecture)
-    if config.previous_stage:
-        # The cascade's extra inputs are the previous stage's cross-validation predictions, which the data
-        # loader does not read yet; training without them would give a network inference cannot feed.
-        raise ConfigurationError(
-            f"training {config.name} (a cascade stage fed by {config.previous_stage}) is not supported yet; "
-            f"train {config.previous_stage} or 3d_fullres instead"
-        )
     train_ids, val_ids = fold_cases(location.preprocessed, fold)
     fold = _parse_fold(fold, 10**9, location.preprocessed / "splits.json")
     store = location.preprocessed / config.data_identifier
@@ -160,6 +159,10 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
             f"{store}: {len(missing)} case(s) of fold {fold} are not preprocessed (e.g. {', '.join(missing[:3])}); "
             f"run `autoseg preprocess {location.name} -c {config.data_identifier}` (or `autoseg plan {location.name}`)"
         )
+    if config.previous_stage:
+        # fail before anything is written (and on every DDP rank alike) when the previous stage is not ready
+        previous_stage_sources(location, plans, config, _read_splits(location.preprocessed),
+                               sorted(set(train_ids) | set(val_ids)))
     return location, plans, config, fold, train_ids, val_ids, store
 
 
@@ -179,7 +182,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
 def build_network(plans: Plans, config: Configuration) -> nn.Module:
     from autoseg import networks
 
-    return networks.build(config.architecture.name, plans.num_channels, plans.num_classes,
+    return networks.build(config.architecture.name, plans.network_in_channels(config), plans.num_classes,
                           **config.architecture.build_kwargs)
 
 
@@ -327,6 +330,16 @@ def train(
         write_json(output / "plans.json", plans.to_json())
         write_json(output / "environment.json", _environment(torch_device, context))
     seed_everything(seed + context.rank)
+    previous_stage = None
+    if config.previous_stage:
+        # a cascade's extra inputs: the previous stage's cross-validation predictions on this grid
+        # (cascade.py); converted once by the main process, which the other ranks wait for
+        cases = sorted(set(train_ids) | set(val_ids))
+        if context.is_main:
+            prepare_previous_stage(location, plans, config, store, _read_splits(location.preprocessed), cases, say)
+        distributed.barrier(context)
+        previous_stage = previous_stage_folder(location, plans, config)
+    cascade_classes = plans.num_classes if previous_stage is not None else 0
 
     # --time-budget: adapt the network/batch/precision/epoch length to what the budget can buy (budget.py);
     # --continue reuses the adapted configuration stored in the checkpoint so its weights fit
@@ -392,12 +405,16 @@ def train(
     settings = augmentation_settings(config.patch_size)
     batch_size = distributed.split_batch(config.batch_size, context)
     train_sampler = PatchSampler(store, distributed.shard(train_ids, context),
-                                 sample_size_for(config.patch_size, settings), batch_size, dims)
-    train_loader = BatchLoader(train_sampler, training_transforms(config.patch_size, settings, ds_scales),
+                                 sample_size_for(config.patch_size, settings), batch_size, dims,
+                                 previous_stage=previous_stage)
+    train_loader = BatchLoader(train_sampler,
+                               training_transforms(config.patch_size, settings, ds_scales,
+                                                   cascade_classes=cascade_classes),
                                num_workers=workers, seed=_epoch_seed(seed, 10**6, context.rank),
                                pin_memory=torch_device.type == "cuda")
-    val_sampler = PatchSampler(store, distributed.shard(val_ids, context), config.patch_size, batch_size, dims)
-    val_transforms = validation_transforms(ds_scales)
+    val_sampler = PatchSampler(store, distributed.shard(val_ids, context), config.patch_size, batch_size, dims,
+                               previous_stage=previous_stage)
+    val_transforms = validation_transforms(ds_scales, cascade_classes)
     batch_dice = dims == 2  # reference: batch Dice for 2D configurations
     class_names = [name for name, value in sorted(plans.labels.items(), key=lambda kv: kv[1]) if value > 0]
 
@@ -409,7 +426,8 @@ def train(
     validation_estimate = _ValidationEstimate(store, val_ids, config, validate, budget_s)
     if budget_s and state.seconds_per_patch is None:
         # size the final-validation reserve from the start, not from a 10 % guess
-        state.seconds_per_patch = _measure_forward(network, config, plans.num_channels, torch_device, dtype)
+        state.seconds_per_patch = _measure_forward(network, config, plans.network_in_channels(config),
+                                                   torch_device, dtype)
     last_save = time.monotonic()
     stop_reason = None
     last_step_s = 0.0
@@ -516,7 +534,8 @@ def train(
         say(f"training done: {state.epoch} epochs in {format_duration(elapsed())}; {FINAL} written")
         if validate:
             mirror = validation_estimate.use_mirroring(state, budget_s, elapsed())
-            _final_validation(output, location, plans, config, store, val_ids, torch_device, mirror, say)
+            _final_validation(output, location, plans, config, store, val_ids, torch_device, mirror, say,
+                              previous_stage)
         say(f"total time {format_duration(elapsed())}")
         _record_elapsed(output, elapsed(), budget_s)
     distributed.barrier(context)
@@ -603,7 +622,8 @@ def _validate_epoch(model, sampler, transforms, iterations, device, dtype, ds_we
 def _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations, budget_s, elapsed_s):
     return {
         "dataset_name": dataset_name, "configuration": asdict(config), "plans": plans.to_json(), "fold": fold,
-        "epoch": state.epoch, "architecture": config.architecture.name, "in_channels": plans.num_channels,
+        "epoch": state.epoch, "architecture": config.architecture.name,
+        "in_channels": plans.network_in_channels(config),
         "num_classes": plans.num_classes, "selfreg": bool(selfreg), "curves": state.curves.to_json(),
         "ema_pseudo_dice": state.ema, "best_ema_pseudo_dice": state.best_ema, "elapsed_s": float(elapsed_s),
         "seconds_per_patch": state.seconds_per_patch, "seed": seed, "epochs": epochs,
@@ -775,7 +795,7 @@ def _measure_step(plans: Plans, config: Configuration, device: torch.device, aut
     network.train()
     optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     dtype = getattr(torch, autocast) if autocast else amp_dtype(device)
-    batch = _random_batch(network, config, plans.num_channels, plans.num_classes, config.batch_size)
+    batch = _random_batch(network, config, plans.network_in_channels(config), plans.num_classes, config.batch_size)
     weights = list(getattr(network, "ds_weights", [1.0])) if config.architecture.deep_supervision else [1.0]
     times = []
     for i in range(3):
@@ -805,10 +825,13 @@ def _measure_forward(network: nn.Module, config: Configuration, in_channels: int
     return min(times[1:])
 
 
-def _final_validation(output, location, plans, config, store, val_ids, device, mirror, say) -> None:
+def _final_validation(output, location, plans, config, store, val_ids, device, mirror, say,
+                      previous_stage: Path | None = None) -> None:
     """Predict each validation case from the store with the final checkpoint, write it in the original
-    geometry with its probabilities, and evaluate against raw labelsTr. Glue around inference/evaluation."""
+    geometry with its probabilities, and evaluate against raw labelsTr. Glue around inference/evaluation.
+    A cascade's network also gets the previous stage's cross-validation prediction of the case."""
     from autoseg.inference import Predictor
+    from autoseg.inference.predictor import foreground_one_hot
     from autoseg.io import write_segmentation
     from autoseg.preprocessing import restore_probabilities
     from autoseg.preprocessing.store import load_case
@@ -820,7 +843,11 @@ def _final_validation(output, location, plans, config, store, val_ids, device, m
     start = time.monotonic()
     for case_id in val_ids:
         data, _, properties = load_case(store, case_id)
-        probabilities = predictor.predict_preprocessed(np.array(data, dtype=np.float32))
+        data = np.array(data, dtype=np.float32)
+        if previous_stage is not None:
+            previous = load_previous_stage(previous_stage, case_id)[0]
+            data = np.concatenate([data, foreground_one_hot(previous, plans.num_classes)], axis=0)
+        probabilities = predictor.predict_preprocessed(data)
         restored = restore_probabilities(probabilities, properties, config)
         segmentation = label_values[np.argmax(restored, axis=0)].astype(np.uint8)
         write_segmentation(segmentation, properties.geometry, validation / f"{case_id}{plans.file_ending}")

@@ -98,23 +98,6 @@ def test_unknown_configuration_and_fold(tiny2d):
         train(DATASET, "2d", "x", root=tiny2d, **FAST)
 
 
-def test_cascade_stage_is_refused_with_a_clear_message(tmp_path):
-    import dataclasses
-
-    from autoseg.planning.plans import load_plans, save_plans
-
-    build_tiny_dataset(tmp_path, dims=3, num_cases=5)
-    plans_file = tmp_path / "preprocessed" / DATASET / "plans.json"
-    plans = load_plans(plans_file)
-    base = plans.configurations["3d_fullres"]
-    plans.configurations["3d_cascade_fullres"] = dataclasses.replace(
-        base, name="3d_cascade_fullres", previous_stage="3d_lowres"
-    )
-    save_plans(plans, plans_file)
-    with pytest.raises(ConfigurationError, match="cascade stage fed by 3d_lowres.*not supported yet"):
-        train(DATASET, "3d_cascade_fullres", 0, root=tmp_path, **FAST)
-
-
 def test_corrupted_checkpoint_is_an_error_not_a_restart(tmp_path):
     build_tiny_dataset(tmp_path, dims=2, num_cases=5)
     folder = tmp_path / "results" / DATASET / "2d__unet" / "fold_0"
