@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "every default configuration. See docs/planning.md for each rule and how to override it.")
     p.add_argument("dataset", help="dataset folder name, number or name")
     p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB for patch/batch size")
-    p.add_argument("--configs", nargs="+", default=None, help="only these base configurations (2d 3d_fullres 3d_lowres)")
+    p.add_argument("--configs", nargs="+", default=None, help="only these base configurations (2d 3d_fullres 3d_lowres 3d_cascade_fullres; the "
+                   "last two are planned only for images much larger than the patch)")
     p.add_argument("--arch", nargs="+", default=None, help="architectures to plan (default: every one that applies)")
     p.add_argument("--patch-size", type=int, nargs="+", default=None, help="force this patch size (array order)")
     p.add_argument("--no-preprocess", action="store_true", help="write plans only")

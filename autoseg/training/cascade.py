@@ -14,6 +14,7 @@ retraining a low-resolution fold never leaves stale cascade inputs behind.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,9 +44,11 @@ def previous_stage_sources(
     config: Configuration,
     splits: Sequence[dict[str, list[str]]],
     case_ids: Sequence[str],
+    root: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """The previous stage's cross-validation prediction file of each case; a clear error naming the folds
-    still to train (or the cases no fold validates) when any is missing."""
+    still to train (or the cases no fold validates) when any is missing. ``root``: the data root the user
+    passed, repeated in the commands the error suggests."""
     previous = plans.configuration(str(config.previous_stage))
     fold_of = {case: fold for fold, split in enumerate(splits) for case in split["val"]}
     unvalidated = sorted(c for c in case_ids if c not in fold_of)
@@ -67,7 +70,8 @@ def previous_stage_sources(
             missing[fold] = missing.get(fold, 0) + 1
     if missing:
         folds = sorted(missing)
-        commands = "; ".join(f"autoseg train {location.name} {previous.name} {fold}" for fold in folds)
+        suffix = f" --root {root}" if root is not None else ""
+        commands = "; ".join(f"autoseg train {location.name} {previous.name} {fold}{suffix}" for fold in folds)
         raise ConfigurationError(
             f"{config.name} is a cascade stage: its extra inputs are the cross-validation predictions of "
             f"{previous.name}, and {sum(missing.values())} are missing (fold(s) {', '.join(map(str, folds))} of "

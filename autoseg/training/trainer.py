@@ -162,7 +162,7 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
     if config.previous_stage:
         # fail before anything is written (and on every DDP rank alike) when the previous stage is not ready
         previous_stage_sources(location, plans, config, _read_splits(location.preprocessed),
-                               sorted(set(train_ids) | set(val_ids)))
+                               sorted(set(train_ids) | set(val_ids)), root)
     return location, plans, config, fold, train_ids, val_ids, store
 
 

@@ -133,8 +133,8 @@ def test_cascade_inputs_need_every_lowres_fold_and_follow_retraining(tmp_path):
 
     _, plans = _cascade_dataset(tmp_path)
     _fake_lowres_predictions(tmp_path, folds=[0, 2, 3])
-    with pytest.raises(ConfigurationError, match=r"fold\(s\) 1, 4 .*autoseg train Dataset990_Tiny 3d_lowres 1; "
-                                                 r"autoseg train Dataset990_Tiny 3d_lowres 4"):
+    with pytest.raises(ConfigurationError, match=r"fold\(s\) 1, 4 .*autoseg train Dataset990_Tiny 3d_lowres 1 "
+                                                 r"--root \S+; autoseg train Dataset990_Tiny 3d_lowres 4 --root"):
         train(DATASET, "3d_cascade_fullres", 0, root=tmp_path, epochs=1, iterations_per_epoch=1, **FAST)
     assert not (tmp_path / "results" / DATASET / "3d_cascade_fullres__unet").exists()  # nothing half-made
 
