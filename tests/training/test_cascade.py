@@ -203,3 +203,18 @@ def test_lowres_then_cascade_trains_validates_and_predicts(tmp_path):
     _, reference = read_segmentation(tmp_path / "raw" / DATASET / "labelsTr" / "case_001.nii.gz")
     assert segmentation.shape == tuple(reference.shape) and probabilities.shape[0] == 3
     assert torch.isfinite(torch.from_numpy(probabilities)).all()
+
+
+def test_binary_operators_on_the_object_box_equal_the_whole_patch():
+    from scipy.ndimage import distance_transform_edt
+
+    rng = np.random.default_rng(7)
+    transform = RandomBinaryOperators([0])
+    for trial in range(6):
+        mask = np.zeros((20, 24, 22), dtype=bool)
+        start = rng.integers(0, 12, size=3)  # some objects touch the patch edge
+        size = rng.integers(3, 10, size=3)
+        mask[tuple(slice(s, s + n) for s, n in zip(start, size))] = rng.random(tuple(size)) > 0.3
+        radius = int(rng.integers(1, 5))
+        assert np.array_equal(transform.apply(mask, "dilation", radius), distance_transform_edt(~mask) <= radius)
+        assert np.array_equal(transform.apply(mask, "erosion", radius), distance_transform_edt(mask) > radius)
