@@ -10,6 +10,7 @@ prediction of the fold's validation cases. docs/training.md explains every optio
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -538,6 +539,11 @@ def train(
                               previous_stage)
         say(f"total time {format_duration(elapsed())}")
         _record_elapsed(output, elapsed(), budget_s)
+    if context.enabled:
+        # DDP's reducer holds the process group; left to the garbage collector it can outlive
+        # destroy_process_group into interpreter teardown, where gloo's worker threads must not be joined
+        model = None
+        gc.collect()
     distributed.barrier(context)
     distributed.shutdown(context)
     return output
