@@ -141,11 +141,9 @@ def preprocess_case(
     box = bounding_box(mask)
     cropped = crop_to_box(image, box)
     mask = crop_to_box(mask, box)
-    cropped_label = crop_to_box(label, box) if label is not None else None
     if geometry.dims == 2:
         box = [[0, 1], *box]
         cropped, mask = cropped[:, None], mask[None]
-        cropped_label = cropped_label[None] if cropped_label is not None else None
     original_spacing = _as_3d_spacing(geometry)
     shape_before_crop = [1, *geometry.shape] if geometry.dims == 2 else list(geometry.shape)
     shape_after_crop = list(cropped.shape[1:])
@@ -166,16 +164,6 @@ def preprocess_case(
     data = resample_channels(normalized, new_shape, resampling.order_image, axis, resampling.order_z)
     del normalized
 
-    stored_label = None
-    locations: dict[str, list[list[int]]] = {}
-    if cropped_label is not None:
-        resampled_label = resample_labels(
-            cropped_label.astype(np.int8), new_shape, resampling.order_label, axis, resampling.order_z
-        )
-        foreground = sorted(v for v in plans.labels.values() if v != 0)
-        locations = sample_class_locations(resampled_label, foreground)
-        stored_label = resampled_label[None]
-
     properties = CaseProperties(
         case_id=case_id,
         geometry=geometry,
@@ -185,8 +173,12 @@ def preprocess_case(
         shape_after_crop=shape_after_crop,
         spacing_after_resampling=target_spacing,
         shape_after_resampling=list(new_shape),
-        class_locations=locations,
     )
+    stored_label = None
+    if label is not None:
+        stored_label = preprocess_label(label, properties, configuration)
+        foreground = sorted(v for v in plans.labels.values() if v != 0)
+        properties.class_locations = sample_class_locations(stored_label[0], foreground)
     return data, stored_label, properties
 
 
@@ -245,9 +237,9 @@ def restore_segmentation(segmentation: np.ndarray, properties: CaseProperties, c
 
 
 def preprocess_label(label: np.ndarray, properties: CaseProperties, configuration: Configuration) -> np.ndarray:
-    """A label map on a case's original grid (``[(Z,) Y, X]``, e.g. another model's prediction) -> int8
-    ``[1, Z, Y, X]`` on the case's preprocessed grid: the crop box and resampling :func:`preprocess_case` gave
-    that case's label, without needing its image again."""
+    """A label map on a case's original grid (``[(Z,) Y, X]``) -> int8 ``[1, Z, Y, X]`` on the case's
+    preprocessed grid (its stored crop box, then one-hot resampling). :func:`preprocess_case` stores training
+    labels through it; a cascade maps the previous stage's predictions with it, without the image."""
     if label.ndim == properties.geometry.dims + 1 and label.shape[0] == 1:
         label = label[0]
     if tuple(label.shape) != tuple(properties.geometry.shape):
@@ -258,8 +250,8 @@ def preprocess_label(label: np.ndarray, properties: CaseProperties, configuratio
     if label.size and (label.min() < 0 or label.max() > 127):
         raise DatasetError(f"{properties.case_id or 'case'}: label values range {label.min()}..{label.max()}; "
                            "expected 0..127")
-    full = label[None] if properties.geometry.dims == 2 else label  # 2D images: dummy Z, as preprocess_case
-    cropped = crop_to_box(full.astype(np.int8), properties.bbox)
+    full = label[None] if properties.geometry.dims == 2 else label  # 2D images: dummy Z
+    cropped = crop_to_box(full, properties.bbox).astype(np.int8)
     resampling = configuration.resampling
     resampled = resample_labels(cropped, properties.shape_after_resampling, resampling.order_label,
                                 _restore_axis(properties, configuration), resampling.order_z)

@@ -1,6 +1,7 @@
 """Cascade stage (3d_cascade_fullres): previous-stage inputs on the preprocessed grid, their augmentation,
 the sampler and trainer wiring, and the whole chain lowres -> cascade -> prediction on tiny data."""
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def test_preprocess_label_gives_the_grid_preprocess_case_gives_the_label():
                   intensity_stats={}, median_spacing=[3.0, 0.8, 0.9], median_shape=[12, 30, 26])
     _, stored, properties = preprocess_case(image, geometry, plans, config, label=label, case_id="c")
     assert stored.shape[1:] != label.shape  # resampled and cropped, so the test means something
-    converted = preprocess_label(label, properties, config)
+    # as training does it: the properties as read back from the store's JSON, no image
+    from autoseg.preprocessing.store import CaseProperties
+
+    stored_properties = CaseProperties.from_json(json.loads(json.dumps(properties.to_json())))
+    converted = preprocess_label(label, stored_properties, config)
     assert converted.dtype == np.int8 and np.array_equal(converted, stored)
     with pytest.raises(Exception, match="original grid"):
         preprocess_label(label[:, :10], properties, config)
