@@ -123,18 +123,7 @@ def preprocess_case(
             f"({', '.join(plans.channel_names.values())}); give one file per channel (_0000, _0001, ...)"
         )
     if label is not None:
-        if label.ndim == image.ndim:
-            label = label[0]
-        if tuple(label.shape) != tuple(geometry.shape):
-            raise DatasetError(
-                f"{name}: label shape {label.shape} differs from image shape {geometry.shape}; "
-                "image and label must share one grid"
-            )
-        if label.size and (label.min() < 0 or label.max() > 127):
-            raise DatasetError(
-                f"{name}: label values range {label.min()}..{label.max()}; expected 0..127 "
-                "(consecutive integers declared in dataset.json)"
-            )
+        label = _checked_label(label, geometry, name)  # before the image work, so bad labels fail fast
 
     # crop (mask in the image's own dimensionality, see nonzero_mask), then lift 2D to [C, 1, Y, X]
     mask = nonzero_mask(image)
@@ -176,7 +165,7 @@ def preprocess_case(
     )
     stored_label = None
     if label is not None:
-        stored_label = preprocess_label(label, properties, configuration)
+        stored_label = _label_to_grid(label, properties, configuration)
         foreground = sorted(v for v in plans.labels.values() if v != 0)
         properties.class_locations = sample_class_locations(stored_label[0], foreground)
     return data, stored_label, properties
@@ -236,23 +225,36 @@ def restore_segmentation(segmentation: np.ndarray, properties: CaseProperties, c
     return full.reshape(properties.geometry.shape)
 
 
-def preprocess_label(label: np.ndarray, properties: CaseProperties, configuration: Configuration) -> np.ndarray:
-    """A label map on a case's original grid (``[(Z,) Y, X]``) -> int8 ``[1, Z, Y, X]`` on the case's
-    preprocessed grid (its stored crop box, then one-hot resampling). :func:`preprocess_case` stores training
-    labels through it; a cascade maps the previous stage's predictions with it, without the image."""
-    if label.ndim == properties.geometry.dims + 1 and label.shape[0] == 1:
+def _checked_label(label: np.ndarray, geometry: Geometry, name: str) -> np.ndarray:
+    """``label`` as ``[(Z,) Y, X]`` (a leading channel of 1 dropped), or a clear error when it is not on the
+    image's grid or its values cannot be stored as int8 class indices."""
+    if label.ndim == geometry.dims + 1 and label.shape[0] == 1:
         label = label[0]
-    if tuple(label.shape) != tuple(properties.geometry.shape):
+    if tuple(label.shape) != tuple(geometry.shape):
         raise DatasetError(
-            f"{properties.case_id or 'case'}: label map shape {tuple(label.shape)} differs from the image's "
-            f"{tuple(properties.geometry.shape)}; it must lie on the case's original grid"
+            f"{name}: label shape {tuple(label.shape)} differs from image shape {tuple(geometry.shape)}; "
+            "image and label must share one grid"
         )
     if label.size and (label.min() < 0 or label.max() > 127):
-        raise DatasetError(f"{properties.case_id or 'case'}: label values range {label.min()}..{label.max()}; "
-                           "expected 0..127")
+        raise DatasetError(
+            f"{name}: label values range {label.min()}..{label.max()}; expected 0..127 "
+            "(consecutive integers declared in dataset.json)"
+        )
+    return label
+
+
+def _label_to_grid(label: np.ndarray, properties: CaseProperties, configuration: Configuration) -> np.ndarray:
     full = label[None] if properties.geometry.dims == 2 else label  # 2D images: dummy Z
     cropped = crop_to_box(full, properties.bbox).astype(np.int8)
     resampling = configuration.resampling
     resampled = resample_labels(cropped, properties.shape_after_resampling, resampling.order_label,
                                 _restore_axis(properties, configuration), resampling.order_z)
-    return resampled[None].astype(np.int8)
+    return resampled[None]  # resample_labels keeps int8
+
+
+def preprocess_label(label: np.ndarray, properties: CaseProperties, configuration: Configuration) -> np.ndarray:
+    """A label map on a case's original grid (``[(Z,) Y, X]``) -> int8 ``[1, Z, Y, X]`` on the case's
+    preprocessed grid (its stored crop box, then one-hot resampling), exactly as :func:`preprocess_case`
+    stores a training label; a cascade maps the previous stage's predictions with it, without the image."""
+    label = _checked_label(label, properties.geometry, properties.case_id or "case")
+    return _label_to_grid(label, properties, configuration)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autoseg.errors import ConfigurationError
+from autoseg.errors import ConfigurationError, DatasetError
 from autoseg.io import Geometry, read_segmentation, write_segmentation
 from autoseg.paths import resolve_dataset
 from autoseg.planning.plans import Plans, Resampling, load_plans, save_plans
@@ -50,7 +50,7 @@ def test_preprocess_label_gives_the_grid_preprocess_case_gives_the_label():
     stored_properties = CaseProperties.from_json(json.loads(json.dumps(properties.to_json())))
     converted = preprocess_label(label, stored_properties, config)
     assert converted.dtype == np.int8 and np.array_equal(converted, stored)
-    with pytest.raises(Exception, match="original grid"):
+    with pytest.raises(DatasetError, match="must share one grid"):
         preprocess_label(label[:, :10], properties, config)
 
 
