@@ -32,6 +32,7 @@ from autoseg.preprocessing.resampling import (
     compute_new_shape,
     resample_channels,
     resample_labels,
+    resample_probabilities,
 )
 from autoseg.preprocessing.store import CaseProperties
 
@@ -190,10 +191,11 @@ def restore_probabilities(
 ) -> np.ndarray:
     """Probabilities ``[K, Z, Y, X]`` in preprocessed space -> float32 ``[K, *properties.geometry.shape]`` on
     the original grid: resampled with ``order_probabilities`` (and ``order_z`` on the separate axis), then
-    un-cropped with background (class 0) probability 1 outside the box."""
+    un-cropped with background (class 0) probability 1 outside the box. Interpolated as log-probabilities
+    (:func:`~autoseg.preprocessing.resampling.resample_probabilities` says why)."""
     _check_preprocessed_shape(probabilities.shape[1:], properties, "probabilities")
     resampling = configuration.resampling
-    resampled = resample_channels(
+    resampled = resample_probabilities(
         probabilities,
         properties.shape_after_crop,
         resampling.order_probabilities,

@@ -134,6 +134,46 @@ def resample_channels(
     return out
 
 
+# Floor for log(p): float32 softmax underflows to exactly 0 for logit gaps beyond ~87, and log(0) = -inf
+# would turn the interpolation into NaN. log(tiny) = -87.3 caps a gap no network output reaches in practice.
+_LOG_FLOOR = float(np.finfo(np.float32).tiny)
+
+
+def resample_probabilities(
+    probabilities: np.ndarray,
+    new_shape: Sequence[int],
+    order: int,
+    separate_axis: int | None = None,
+    order_z: int = 0,
+) -> np.ndarray:
+    """Class probabilities ``[K, Z, Y, X]`` (summing to 1 over K) -> float32 ``[K, *new_shape]``, interpolated
+    as log-probabilities and renormalised with a softmax.
+
+    Why not the probabilities themselves: softmax saturates at 0 and 1 a voxel or two from a boundary, so
+    interpolating probabilities puts each boundary near half-way between the two voxels that straddle it,
+    whatever the network said about where it lies. For one network, log p equals its logits up to a per-voxel
+    constant; linear interpolation and the softmax carry that constant through unchanged, so this is
+    interpolating logits, which keep varying across a boundary and place it between the voxels. For a fold
+    ensemble, log of the mean probability plays the logits' part. One-hot input comes out with exactly the
+    argmax a probability interpolation gives (log p is then an affine function of p).
+    On SynthMR (spacings 0.73-0.87 mm resampled to 0.80 mm and back) this raised validation core Dice from
+    0.974 to 0.983 with the same weights (docs/benchmarks.md).
+    """
+    new_shape = tuple(int(n) for n in new_shape)
+    if tuple(probabilities.shape[1:]) == new_shape:
+        return np.array(probabilities, dtype=np.float32)  # nothing to interpolate: keep the values bit-exact
+    out = np.empty((probabilities.shape[0], *new_shape), dtype=np.float32)
+    for channel in range(probabilities.shape[0]):
+        log_p = np.log(np.maximum(np.asarray(probabilities[channel], dtype=np.float32), _LOG_FLOOR))
+        out[channel] = resample_volume(log_p, new_shape, order, separate_axis, order_z)
+        del log_p
+    # softmax over K in place, shifted by the per-voxel maximum so exp never overflows
+    out -= out.max(axis=0, keepdims=True)
+    np.exp(out, out=out)
+    out /= out.sum(axis=0, keepdims=True)
+    return out
+
+
 def resample_labels(
     label: np.ndarray,
     new_shape: Sequence[int],

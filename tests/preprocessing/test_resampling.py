@@ -10,6 +10,7 @@ from autoseg.preprocessing.resampling import (
     compute_new_shape,
     resample_channels,
     resample_labels,
+    resample_probabilities,
     resample_volume,
 )
 
@@ -99,3 +100,74 @@ def test_label_resampling_identity_and_single_class() -> None:
     assert np.all(resample_labels(label, (6, 8, 10)) == 1)
     label[0, 0, 0] = 2
     np.testing.assert_array_equal(resample_labels(label, label.shape), label)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def _ball_probabilities(shape, radius_mm, spacing, slope):
+    """Two-class softmax of a network that is sure of itself: logit gap = slope x signed distance (mm)."""
+    centres = [(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)]
+    zz, yy, xx = np.meshgrid(*centres, indexing="ij")
+    middle = [n * s / 2 for n, s in zip(shape, spacing)]
+    distance = radius_mm - np.sqrt((zz - middle[0]) ** 2 + (yy - middle[1]) ** 2 + (xx - middle[2]) ** 2)
+    return _softmax(np.stack([np.zeros_like(distance), slope * distance])), distance > 0
+
+
+@pytest.mark.parametrize("radius_mm", [5.3, 6.8, 8.1])
+def test_probability_upsampling_keeps_boundaries_a_confident_network_placed(radius_mm: float) -> None:
+    # a ball predicted on a 1.6 mm grid and brought to 0.7 mm: interpolating saturated probabilities moves the
+    # boundary to where the 0.5 crossing of a linear blend of 0s and 1s falls; interpolating in log space
+    # (the logits) keeps it where the logit gap changes sign, i.e. on the ball's surface
+    coarse, coarse_spacing = (12, 12, 12), 1.6
+    fine = tuple(int(round(n * coarse_spacing / 0.7)) for n in coarse)
+    fine_spacing = coarse[0] * coarse_spacing / fine[0]
+    probabilities, _ = _ball_probabilities(coarse, radius_mm, (coarse_spacing,) * 3, slope=8.0)
+    _, truth = _ball_probabilities(fine, radius_mm, (fine_spacing,) * 3, slope=8.0)
+
+    def dice(a: np.ndarray) -> float:
+        return 2 * (a & truth).sum() / (a.sum() + truth.sum())
+
+    log_domain = resample_probabilities(probabilities, fine, order=1).argmax(axis=0) == 1
+    linear = resample_channels(probabilities, fine, order=1).argmax(axis=0) == 1
+    assert dice(log_domain) > 0.98  # what is left: linear interpolation cuts the sphere's curvature
+    assert dice(log_domain) > dice(linear) + 0.01
+    # where the boundary lands depends on where the logit gap changes sign, not on how steep it is
+    less_sure, _ = _ball_probabilities(coarse, radius_mm, (coarse_spacing,) * 3, slope=2.0)
+    np.testing.assert_array_equal(resample_probabilities(less_sure, fine, order=1).argmax(axis=0) == 1, log_domain)
+
+
+def test_probability_resampling_returns_distributions_without_nan() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 40, (3, 6, 7, 8)).astype(np.float32)
+    logits[1, 2, 3, 4] = 500.0  # float32 softmax underflows to exact zeros for the other classes here
+    probabilities = _softmax(logits)
+    assert (probabilities == 0).any()
+    for separate_axis in (None, 0):
+        out = resample_probabilities(probabilities, (4, 11, 13, 9)[1:], order=1, separate_axis=separate_axis)
+        assert out.shape == (3, 11, 13, 9) and out.dtype == np.float32
+        assert np.isfinite(out).all() and out.min() >= 0
+        np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_probability_resampling_of_one_hot_input_matches_linear_argmax() -> None:
+    # one-hot input: log p is an affine function of p, so the classes come out as linear interpolation gives them
+    rng = np.random.default_rng(4)
+    label = ndimage.zoom(rng.integers(0, 3, (4, 5, 6)), 3, order=0)
+    one_hot = np.stack([(label == k) for k in range(3)]).astype(np.float32)
+    new_shape = (17, 11, 23)
+    linear = resample_channels(one_hot, new_shape, order=1)
+    ours = resample_probabilities(one_hot, new_shape, order=1)
+    top_two = np.sort(linear, axis=0)[-2:]
+    decided = top_two[1] - top_two[0] > 1e-4  # exact ties may break either way in float rounding
+    assert decided.mean() > 0.9
+    np.testing.assert_array_equal(ours.argmax(axis=0)[decided], linear.argmax(axis=0)[decided])
+
+
+def test_probability_resampling_to_the_same_shape_is_exact() -> None:
+    probabilities = _softmax(np.random.default_rng(5).normal(0, 3, (2, 3, 4, 5)))
+    out = resample_probabilities(probabilities, (3, 4, 5), order=1)
+    np.testing.assert_array_equal(out, probabilities)
+    assert out is not probabilities
