@@ -188,6 +188,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+DATASET_HELP = "dataset folder name, number (4, 004), name (Hippocampus) or path"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where X tells the reader something: not for unset options (None), not for
+    flags (False), not where the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
@@ -197,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
     _add_common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, description: str):
         p = sub.add_parser(name, help=help_text, description=description, formatter_class=fmt)
@@ -209,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Check every case of a raw dataset (files, geometry, labels, dataset.json) and report ALL problems "
                 "at once, each with the file, what was expected, what was found and the fix. Exit 0 when clean. "
                 "Never modifies the dataset.")
-    p.add_argument("dataset", help="dataset folder name, number (4, 004), name (Hippocampus) or path")
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel reader processes")
 
     p = command("convert-msd", _cmd_convert_msd, "convert a Medical Segmentation Decathlon task",
@@ -225,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Fingerprint the dataset (spacings, shapes, intensities), decide configurations, patch and batch "
                 "sizes, topology and normalisation (plans.json), write the 5-fold splits.json, then preprocess "
                 "every default configuration. See docs/planning.md for each rule and how to override it.")
-    p.add_argument("dataset", help="dataset folder name, number or name")
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB for patch/batch size")
     p.add_argument("--configs", nargs="+", default=None, help="only these base configurations (2d 3d_fullres 3d_lowres 3d_cascade_fullres; the "
                    "last two are planned only for images much larger than the patch)")
@@ -238,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("preprocess", _cmd_preprocess, "crop, resample, normalise and store training cases",
                 "Preprocess every training case for the given configurations (default: all planned). Reruns skip "
                 "complete cases and redo partial ones; a failing case is reported and the others still finish.")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("-c", "--configs", nargs="+", default=None, help="configurations (default: all in plans.json)")
     p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel worker processes")
 
@@ -246,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Train CONFIGURATION on fold FOLD (0-4, or 'all' for all training data). Writes checkpoints, "
                 "log.txt and progress.png to results/<dataset>/<config>__<arch>/fold_<k>/ and, at the end, "
                 "predicts the fold's validation cases. Use torchrun for several GPUs (docs/cluster.md).")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("configuration", help="e.g. 3d_fullres, 2d, 3d_fullres_unetrpp; 3d_cascade_fullres once all five "
                    "3d_lowres folds are trained (their validation predictions are its inputs)")
     p.add_argument("fold", help="0-4 or all")
@@ -260,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selfreg", action="store_true", help="add SelfReg self-regularisation losses")
     p.add_argument("--pretrained", default=None, help="initialise weights from this checkpoint")
     p.add_argument("--seed", type=int, default=12345, help="random seed")
-    p.add_argument("-np", "--num-workers", type=int, default=None, help="data loader worker processes")
+    p.add_argument("-np", "--num-workers", type=int, default=None,
+                   help="data loader worker processes (default: 2; 0 loads batches in the training process)")
     p.add_argument("--no-validation", action="store_true", help="skip the final validation prediction")
 
     p = command("predict", _cmd_predict, "segment new images with trained folds",
@@ -269,10 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "and format. Postprocessing chosen by find-best is applied when present.")
     p.add_argument("-i", "--input", required=True, help="input folder or file")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("-d", "--dataset", required=True)
-    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-d", "--dataset", required=True, help="dataset the model was trained on (number, name or folder)")
+    p.add_argument("-c", "--configuration", required=True,
+                   help="trained configuration, e.g. 3d_fullres or 2d (find-best prints the one to use)")
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
-    p.add_argument("--arch", default=None)
+    p.add_argument("--arch", default=None, help="architecture (default: the one trained for this configuration)")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirror", action="store_true", help="disable test-time mirroring (8x faster in 3D)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz softmax probabilities")
@@ -280,38 +295,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocessing", action="store_true", help="ignore postprocessing.json")
     p.add_argument("--fp32", action="store_true", help="full precision (default: AMP on CUDA, bf16 autocast on "
                    "CPUs with native bf16, about 2x faster there)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
     p.add_argument("-np", "--num-workers", type=int, default=2, help="reader/writer processes")
 
     p = command("ensemble", _cmd_ensemble, "average saved probabilities of several prediction folders",
                 "Average the <case>.npz probabilities of several prediction folders and write segmentations.")
-    p.add_argument("-i", "--inputs", nargs="+", required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("-i", "--inputs", nargs="+", required=True,
+                   help="two or more folders written with --save-probabilities (or fold validation/ folders)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the averaged <case>.npz")
     p.add_argument("--postprocessing", default=None,
                    help="postprocessing.json (or its folder) to apply, as printed by find-best for an ensemble")
 
     p = command("evaluate", _cmd_evaluate, "compare predictions with reference segmentations",
                 "Compute Dice, IoU, HD95 and NSD per case and class; writes PRED/summary.json and prints a table.")
-    p.add_argument("prediction")
-    p.add_argument("reference")
+    p.add_argument("prediction", help="folder of predicted segmentations")
+    p.add_argument("reference", help="folder of reference segmentations with the same file names")
     p.add_argument("-l", "--labels", type=int, nargs="+", default=None, help="labels to evaluate (default: all found)")
     p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm")
-    p.add_argument("-np", "--num-workers", type=int, default=2)
+    p.add_argument("-np", "--num-workers", type=int, default=2, help="evaluation processes")
 
     p = command("find-best", _cmd_find_best, "pick the best configuration / ensemble and postprocessing",
                 "Evaluate the cross-validation predictions of every trained configuration and their pairwise "
                 "ensembles, choose the best, decide postprocessing, write a report and print the predict command.")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("--configs", nargs="+", default=None, help="restrict to these <config>__<arch> result folders")
-    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                   help="folds whose validation predictions make up the cross-validation")
     p.add_argument("-np", "--num-workers", type=int, default=2, help="evaluation processes")
 
     p = command("demo", _cmd_demo, "run the whole pipeline on a small synthetic dataset",
                 "Generate a small synthetic dataset and run verify -> plan -> preprocess -> train -> predict -> "
                 "evaluate -> find-best on it, printing what each stage did. Minutes on a CPU.")
     p.add_argument("--quick", action="store_true", help="train fold 0 only")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
     p.add_argument("--keep", action="store_true", help="keep an existing demo folder instead of starting fresh")
 
     command("info", _cmd_info, "show environment, device and the datasets found",

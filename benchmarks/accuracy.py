@@ -456,8 +456,9 @@ def autoseg_training_info(fold_dir: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from autoseg.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("dataset", help="dataset under --root (name/number), raw folder path, MSD task folder, or an "
                                         "oracle dataset (Dataset970_SynthMR) to regenerate")
     parser.add_argument("--budget", required=True, help="training wall-clock budget per side: 20m, 1h30m, 90s")

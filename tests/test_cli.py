@@ -43,6 +43,11 @@ def test_every_subcommand_help_exits_0(command: str, capsys: pytest.CaptureFixtu
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: autoseg {command}" in out and "--root" in out and "--debug" in out
+    # every option explains itself, and no empty "(default: None)" / "(default: False)" noise
+    assert "(default: None)" not in out and "(default: False)" not in out
+    subparser = _subcommands()[command]
+    undocumented = [a.dest for a in subparser._actions if not a.help and a.dest != "help"]
+    assert not undocumented, f"autoseg {command}: options without help text: {undocumented}"
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
