@@ -187,15 +187,16 @@ def _check_preprocessed_shape(array_shape: Sequence[int], properties: CaseProper
 
 
 def restore_probabilities(
-    probabilities: np.ndarray, properties: CaseProperties, configuration: Configuration
+    probabilities: np.ndarray, properties: CaseProperties, configuration: Configuration, log_space: bool = True
 ) -> np.ndarray:
     """Probabilities ``[K, Z, Y, X]`` in preprocessed space -> float32 ``[K, *properties.geometry.shape]`` on
     the original grid: resampled with ``order_probabilities`` (and ``order_z`` on the separate axis), then
     un-cropped with background (class 0) probability 1 outside the box. Interpolated as log-probabilities
-    (:func:`~autoseg.preprocessing.resampling.resample_probabilities` says why)."""
+    (:func:`~autoseg.preprocessing.resampling.resample_probabilities` says why); ``log_space=False``
+    interpolates the probabilities themselves, kept for comparison (benchmarks/export_interpolation.py)."""
     _check_preprocessed_shape(probabilities.shape[1:], properties, "probabilities")
     resampling = configuration.resampling
-    resampled = resample_probabilities(
+    resampled = (resample_probabilities if log_space else resample_channels)(
         probabilities,
         properties.shape_after_crop,
         resampling.order_probabilities,
