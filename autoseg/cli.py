@@ -189,6 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 DATASET_HELP = "dataset folder name, number (4, 004), name (Hippocampus) or path"
+DEVICE_HELP = "auto (CUDA, else Apple MPS, else CPU), cuda, cuda:N, cpu or mps"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-per-epoch", type=int, default=None, help="training iterations per epoch (default 250)")
     p.add_argument("--time-budget", default=None, help="train for this wall-clock time, e.g. 20m, 1h30m, 23h")
     p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from checkpoint_latest.pt")
-    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--selfreg", action="store_true", help="add SelfReg self-regularisation losses")
     p.add_argument("--pretrained", default=None, help="initialise weights from this checkpoint")
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocessing", action="store_true", help="ignore postprocessing.json")
     p.add_argument("--fp32", action="store_true", help="full precision (default: AMP on CUDA, bf16 autocast on "
                    "CPUs with native bf16, about 2x faster there)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("-np", "--num-workers", type=int, default=2, help="reader/writer processes")
 
     p = command("ensemble", _cmd_ensemble, "average saved probabilities of several prediction folders",
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Generate a small synthetic dataset and run verify -> plan -> preprocess -> train -> predict -> "
                 "evaluate -> find-best on it, printing what each stage did. Minutes on a CPU.")
     p.add_argument("--quick", action="store_true", help="train fold 0 only")
-    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--keep", action="store_true", help="keep an existing demo folder instead of starting fresh")
 
     command("info", _cmd_info, "show environment, device and the datasets found",
