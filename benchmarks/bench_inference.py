@@ -119,31 +119,37 @@ def run_side(python: str, snippet: str, config: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure(python: str, snippet: str, config: dict, repeats: int) -> tuple[float, float]:
-    """Median seconds per case and the largest peak RSS (MB) over ``repeats`` fresh processes."""
-    per_case, rss = [], []
+def measure(sides: dict[str, tuple[str, str]], config: dict, repeats: int) -> list[tuple[str, float, float]]:
+    """``(name, median seconds per case, largest peak RSS MB)`` per side over ``repeats`` fresh processes each.
+    Sides alternate round by round (A B A B ...), so load from other work on the machine hits both alike."""
+    per_case: dict[str, list[float]] = {name: [] for name in sides}
+    rss: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
-        run = run_side(python, snippet, config)
-        per_case.append(statistics.median(run["seconds"]))
-        rss.append(run["peak_rss_mb"])
-    return statistics.median(per_case), max(rss)
+        for name, (python, snippet) in sides.items():
+            run = run_side(python, snippet, config)
+            per_case[name].append(statistics.median(run["seconds"]))
+            rss[name].append(run["peak_rss_mb"])
+    return [(name, statistics.median(per_case[name]), max(rss[name])) for name in sides]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    from autoseg.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, alternating the two tools; the median counts")
     parser.add_argument("--cases", type=int, default=2, help="cases per process (the first warms up caches)")
     parser.add_argument("--image", type=int, nargs=3, default=DEFAULT_IMAGE, help="image size Z Y X")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-mirror", action="store_true")
-    parser.add_argument("--nnunet-venv", default=None, help="virtual environment with nnunetv2 installed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for both tools")
+    parser.add_argument("--no-mirror", action="store_true", help="predict without test-time mirroring")
+    parser.add_argument("--nnunet-venv", default=None,
+                        help="virtual environment with nnunetv2 installed (without it: autoseg only)")
     args = parser.parse_args(argv)
     config = {**load_plan(), "image": args.image, "device": args.device, "mirror": not args.no_mirror,
               "cases": args.cases}
-    rows = [("autoseg", *measure(sys.executable, AUTOSEG_SNIPPET, config, args.repeats))]
+    sides = {"autoseg": (sys.executable, AUTOSEG_SNIPPET)}
     if args.nnunet_venv:
-        python = str(Path(args.nnunet_venv) / "bin" / "python")
-        rows.append(("nnU-Net v2", *measure(python, NNUNET_SNIPPET, config, args.repeats)))
+        sides["nnU-Net v2"] = (str(Path(args.nnunet_venv) / "bin" / "python"), NNUNET_SNIPPET)
+    rows = measure(sides, config, args.repeats)
     print(f"patch {config['patch_size']}, image {config['image']}, step 0.5, mirror {config['mirror']}, "
           f"device {args.device}, median of {args.repeats}")
     print(f"{'side':<12} {'s/case':>8} {'peak RSS MB':>12}")
