@@ -28,9 +28,11 @@ import numpy as np
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two boolean masks; 1 when both are empty (nothing to find, nothing found)."""
-    total = int(prediction.sum()) + int(reference.sum())
-    return 1.0 if total == 0 else 2.0 * int((prediction & reference).sum()) / total
+    """Dice of two boolean masks, as the evaluator computes it (1 when both are empty)."""
+    from autoseg.evaluation.metrics import confusion_counts, dice_from_counts
+
+    tp, fp, fn, _ = confusion_counts(reference, prediction)
+    return dice_from_counts(tp, fp, fn)
 
 
 def score_case(predictor, image_files: Sequence[Path], label_file: Path) -> dict[str, list[float]]:
