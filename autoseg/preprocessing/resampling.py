@@ -155,9 +155,8 @@ def resample_probabilities(
     constant; linear interpolation and the softmax carry that constant through unchanged, so this is
     interpolating logits, which keep varying across a boundary and place it between the voxels. For a fold
     ensemble, log of the mean probability plays the logits' part. One-hot input comes out with exactly the
-    argmax a probability interpolation gives (log p is then an affine function of p).
-    On SynthMR (spacings 0.73-0.87 mm resampled to 0.80 mm and back) this raised validation core Dice from
-    0.974 to 0.983 with the same weights (docs/benchmarks.md).
+    argmax a probability interpolation gives (log p is then an affine function of p). What it changes on
+    real predictions, same weights both ways: docs/benchmarks.md (benchmarks/export_interpolation.py).
     """
     new_shape = tuple(int(n) for n in new_shape)
     if tuple(probabilities.shape[1:]) == new_shape:
@@ -166,7 +165,6 @@ def resample_probabilities(
     for channel in range(probabilities.shape[0]):
         log_p = np.log(np.maximum(np.asarray(probabilities[channel], dtype=np.float32), _LOG_FLOOR))
         out[channel] = resample_volume(log_p, new_shape, order, separate_axis, order_z)
-        del log_p
     # softmax over K in place, shifted by the per-voxel maximum so exp never overflows
     out -= out.max(axis=0, keepdims=True)
     np.exp(out, out=out)

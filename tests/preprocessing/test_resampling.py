@@ -146,7 +146,7 @@ def test_probability_resampling_returns_distributions_without_nan() -> None:
     probabilities = _softmax(logits)
     assert (probabilities == 0).any()
     for separate_axis in (None, 0):
-        out = resample_probabilities(probabilities, (4, 11, 13, 9)[1:], order=1, separate_axis=separate_axis)
+        out = resample_probabilities(probabilities, (11, 13, 9), order=1, separate_axis=separate_axis)
         assert out.shape == (3, 11, 13, 9) and out.dtype == np.float32
         assert np.isfinite(out).all() and out.min() >= 0
         np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
