@@ -35,5 +35,9 @@ class TrainingError(AutosegError):
     """Training cannot continue (NaN loss, out of memory, ...)."""
 
 
+class WriteError(AutosegError):
+    """An output could not be written completely (disk full, read-only folder, ...); nothing was replaced."""
+
+
 class PredictionError(AutosegError):
     """One or more cases could not be predicted."""

@@ -40,3 +40,32 @@ def test_written_files_follow_the_umask_not_owner_only(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "seg.nii.gz").stat().st_mode)
     assert mode == 0o644
+
+
+def test_disk_full_becomes_one_line_write_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from autoseg.errors import WriteError
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(WriteError, match="disk full") as caught:
+        write_json(tmp_path / "plans.json", {"a": 1})
+    assert str(tmp_path / "plans.json") in str(caught.value) and "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder_is_a_write_error(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from autoseg.errors import WriteError
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(WriteError, match="not writable"):
+        write_json(tmp_path / "out" / "x.json", {})

@@ -7,7 +7,9 @@ many channels, which is the raw-format convention for RGB data.
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +40,77 @@ def is_natural_image(path: str | os.PathLike) -> bool:
     return file_ending(path) in NATURAL_IMAGE_ENDINGS
 
 
+_NIFTI_ITEMSIZE = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                   1536: 16, 1792: 16, 2048: 32, 2304: 4}  # NIfTI datatype code -> bytes per voxel
+
+
+def nifti_expected_size(header: bytes) -> int | None:
+    """Bytes of an uncompressed NIfTI-1/-2 file as its header describes it (data offset + voxel data), or None
+    when ``header`` (the file's first 540 bytes) is not a NIfTI header this function understands.
+
+    NIfTI-1: sizeof_hdr 348, dim int16[8] at 40, datatype int16 at 70, vox_offset float32 at 108.
+    NIfTI-2: sizeof_hdr 540, datatype int16 at 12, dim int64[8] at 16, vox_offset int64 at 168.
+    """
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            datatype = struct.unpack(order + "h", header[70:72])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            datatype = struct.unpack(order + "h", header[12:14])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = int(struct.unpack(order + "q", header[168:176])[0])
+            break
+    else:
+        return None
+    if datatype not in _NIFTI_ITEMSIZE or not 1 <= dims[0] <= 7:
+        return None
+    voxels = 1
+    for extent in dims[1 : dims[0] + 1]:
+        voxels *= max(int(extent), 1)
+    return max(offset, 348) + voxels * _NIFTI_ITEMSIZE[datatype]
+
+
+def check_not_truncated(path: Path) -> None:
+    """Raise ImageReadError when a NIfTI file is shorter than its header says.
+
+    ITK reads the missing part of a truncated ``.nii.gz`` as zeros without a word, which silently crops a
+    case (and its label) away. A gzip stream ends with the uncompressed size modulo 2^32 (RFC 1952,
+    ISIZE): compared with the size the header describes, that catches a cut-off file from two small reads,
+    without decompressing it twice. An uncompressed ``.nii`` is simply compared with its file size.
+    """
+    ending = file_ending(path)
+    if ending not in (".nii.gz", ".nii"):
+        return
+    try:
+        if ending == ".nii":
+            with open(path, "rb") as handle:
+                header = handle.read(540)
+            actual = path.stat().st_size
+        else:
+            with gzip.open(path, "rb") as handle:
+                header = handle.read(540)
+            with open(path, "rb") as handle:
+                handle.seek(-4, os.SEEK_END)
+                actual = struct.unpack("<I", handle.read(4))[0]
+    except (OSError, EOFError, struct.error) as exc:
+        raise ImageReadError(f"{path}: cannot be read ({exc}); the file is corrupt or truncated, copy it again") from exc
+    expected = nifti_expected_size(header)
+    if expected is None:
+        return
+    if ending == ".nii.gz":
+        expected %= 2**32
+        short = actual != expected
+    else:
+        short = actual < expected
+    if short:
+        raise ImageReadError(
+            f"{path}: the file is truncated (its header describes {expected} bytes of image, the file holds "
+            f"{'a different amount' if ending == '.nii.gz' else actual}); copy or export it again"
+        )
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.is_file():
         raise ImageReadError(f"{path}: file does not exist")
@@ -45,6 +118,7 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise ImageReadError(
             f"{path}: unsupported file ending; expected one of {', '.join(SUPPORTED_ENDINGS)}"
         )
+    check_not_truncated(path)
     try:
         return _gray_palette_as_scalar(sitk.ReadImage(str(path)), path)
     except RuntimeError as exc:
@@ -171,9 +245,22 @@ def write_segmentation(array: np.ndarray, geometry: Geometry, path: str | os.Pat
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise ValueError(f"label values must lie in 0..65535, found {values.min()}..{values.max()}")
     dtype = np.uint8 if (values.size == 0 or values.max() < 256) else np.uint16
-    image = _to_sitk(values.astype(dtype), geometry, ending in NATURAL_IMAGE_ENDINGS)
-    with atomic_path(path, suffix=ending) as tmp:
+    stored = values.astype(dtype)
+    image = _to_sitk(stored, geometry, ending in NATURAL_IMAGE_ENDINGS)
+    with atomic_path(path, suffix=ending, verify=lambda tmp: _verify_written(tmp, stored)) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=ending in (".nii.gz", ".nrrd", ".mha"))
+
+
+def _verify_written(path: Path, expected: np.ndarray) -> None:
+    """Read ``path`` back and compare it with what was written: the writer does not report a full disk."""
+    check_not_truncated(path)
+    try:
+        image = _gray_palette_as_scalar(sitk.ReadImage(str(path)), path)
+    except RuntimeError as exc:
+        raise ValueError(f"unreadable: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from None
+    array = sitk.GetArrayViewFromImage(image)
+    if array.shape != expected.shape or not np.array_equal(array, expected):
+        raise ValueError(f"read back {array.shape}, differing from the {expected.shape} array written")
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
@@ -182,6 +269,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) 
     ending = file_ending(path)
     if ending is None:
         raise ImageReadError(f"{path}: unsupported file ending; expected one of {', '.join(SUPPORTED_ENDINGS)}")
-    image = _to_sitk(np.asarray(array), geometry, ending in NATURAL_IMAGE_ENDINGS)
-    with atomic_path(path, suffix=ending) as tmp:
+    values = np.asarray(array)
+    image = _to_sitk(values, geometry, ending in NATURAL_IMAGE_ENDINGS)
+    with atomic_path(path, suffix=ending, verify=lambda tmp: _verify_written(tmp, values)) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=ending in (".nii.gz", ".nrrd", ".mha"))

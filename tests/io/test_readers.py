@@ -140,3 +140,45 @@ def test_zero_spacing_gets_a_clear_message(tmp_path: Path) -> None:
     write_zero_spacing_nrrd(path)
     with pytest.raises(ImageReadError, match="zero spacing"):
         read_image(path)
+
+
+def _write_volume(path: Path, shape=(20, 30, 40)) -> np.ndarray:
+    array = (np.arange(np.prod(shape)) % 251).reshape(shape).astype(np.int16)
+    write_image(array, Geometry(shape=shape, spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel())), path)
+    return array
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_refused_instead_of_read_as_zeros(tmp_path: Path, ending: str) -> None:
+    path = tmp_path / f"case_0000{ending}"
+    _write_volume(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: int(len(whole) * 0.63)])  # a copy cut off at 63 %
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(path)
+    path.write_bytes(whole)  # the intact file still reads
+    assert read_image(path)[0].shape == (1, 20, 30, 40)
+
+
+def test_a_write_that_does_not_read_back_is_refused_and_replaces_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A full disk: SimpleITK's writer truncates the file and returns without an error."""
+    from autoseg.errors import WriteError
+
+    target = tmp_path / "seg.nii.gz"
+    geometry = Geometry(shape=(20, 30, 40), spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+    old = np.zeros(geometry.shape, np.uint8)
+    write_segmentation(old, geometry, target)
+    before = target.read_bytes()
+    real_write = sitk.WriteImage
+
+    def write_then_lose_the_end(image, name, *args, **kwargs):
+        real_write(image, name, *args, **kwargs)
+        data = Path(name).read_bytes()
+        Path(name).write_bytes(data[: len(data) // 3])
+
+    monkeypatch.setattr(sitk, "WriteImage", write_then_lose_the_end)
+    new = np.ones(geometry.shape, np.uint8)
+    with pytest.raises(WriteError, match="does not read back"):
+        write_segmentation(new, geometry, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]  # no temporary left behind
