@@ -40,9 +40,11 @@ def training_progress(
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
-    """``"20m"`` -> 1200.0, ``"1h30m"`` -> 5400.0, ``"23h"``, ``"90s"``, ``"2d"``; a bare number means seconds.
+    """``"20m"`` -> 1200.0, ``"1h30m"`` -> 5400.0, ``"23h"``, ``"90s"``, ``"2d"``; a Python number means seconds.
 
-    Raises ConfigurationError for anything else (empty, negative, unknown unit).
+    Text needs a unit: ``--time-budget 2`` would mean two seconds to the parser and two hours to most
+    people, so a bare number on the command line is refused with the spellings to use. Raises
+    ConfigurationError for that and anything else (empty, negative, unknown unit).
     """
     if text is None:
         return None
@@ -51,8 +53,10 @@ def parse_duration(text: str | float | int | None) -> float | None:
     else:
         value = text.strip().replace(" ", "")
         if re.fullmatch(r"\d+(\.\d+)?", value):
-            seconds = float(value)
-        elif value and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:d|h|m|s))+", value, re.IGNORECASE):
+            raise ConfigurationError(
+                f"--time-budget {text!r}: give a unit, e.g. {value}h, {value}m or {value}s (a bare number is ambiguous)"
+            )
+        if value and re.fullmatch(r"(?:\d+(?:\.\d+)?(?:d|h|m|s))+", value, re.IGNORECASE):
             seconds = sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in _DURATION.findall(value))
         else:
             raise ConfigurationError(

@@ -62,7 +62,7 @@ def test_poly_and_progress():
     assert training_progress(90, 100, 30.0, 60.0) == pytest.approx(0.9)  # whichever limit is nearer
 
 
-@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("23h", 82800), ("90s", 90), ("2.5", 2.5),
+@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("23h", 82800), ("90s", 90), (2.5, 2.5),
                                           ("1H5S", 3605)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
@@ -71,4 +71,11 @@ def test_parse_duration(text, seconds):
 @pytest.mark.parametrize("text", ["", "20 minutes", "m20", "-5m", "0s", "1h-3m"])
 def test_parse_duration_rejects(text):
     with pytest.raises(ConfigurationError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["2", "2.5", " 90 "])
+def test_a_bare_number_on_the_command_line_needs_a_unit(text):
+    """`--time-budget 2` used to mean 2 seconds; people mean hours or minutes."""
+    with pytest.raises(ConfigurationError, match="give a unit"):
         parse_duration(text)
