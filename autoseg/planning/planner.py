@@ -587,4 +587,6 @@ def format_plans_table(plans: Plans) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"* default configurations; memory budget {plans.gpu_memory_gb:g} GB")
+    if plans.transpose_forward != sorted(plans.transpose_forward):
+        lines.append(f"raw array axes transposed {plans.transpose_forward}: spacing and patch are in that order")
     return "\n".join(lines)

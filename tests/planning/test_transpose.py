@@ -8,7 +8,7 @@ import pytest
 
 from autoseg.errors import ConfigurationError
 from autoseg.planning.plans import Plans, load_plans, save_plans
-from autoseg.planning.planner import plan_from_fingerprint
+from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
 from autoseg.planning.spacing import coarse_axis_first, inverse_permutation
 from tests.planning.helpers import crafted_fingerprint, uniform
 
@@ -101,6 +101,26 @@ def test_same_configurations_either_way(coarse_last, coarse_first):
         assert other.resampling == config.resampling
         suffix = "; raw axes transposed [2, 0, 1] so the coarse axis comes first"
         assert [n.replace(suffix, "") for n in other.notes] == config.notes
+
+
+def test_same_configurations_either_way_with_varying_cases():
+    spacings, shapes = uniform(7, (0.8, 0.8, 5.0), (300, 300, 40), jitter=0.1)
+    forward = [2, 0, 1]
+    last = plan_from_fingerprint(crafted_fingerprint(spacings, shapes), configurations=CONFIGS, architectures=["unet"])
+    first = plan_from_fingerprint(
+        crafted_fingerprint([[s[a] for a in forward] for s in spacings], [[n[a] for a in forward] for n in shapes]),
+        configurations=CONFIGS, architectures=["unet"],
+    )
+    assert last.transpose_forward == forward and first.transpose_forward == [0, 1, 2]
+    for name, config in first.configurations.items():
+        other = last.configurations[name]
+        assert other.target_spacing == config.target_spacing and other.median_shape == config.median_shape
+        assert other.architecture == config.architecture and other.batch_size == config.batch_size
+
+
+def test_table_names_the_transposition(coarse_last, coarse_first):
+    assert "transposed [2, 0, 1]" in format_plans_table(coarse_last)
+    assert "transposed" not in format_plans_table(coarse_first)
 
 
 def test_isotropic_plans_carry_identity(tmp_path):
