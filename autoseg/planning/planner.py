@@ -35,6 +35,7 @@ from autoseg.planning.plans import (
 from autoseg.planning.spacing import (
     ANISOTROPY_THRESHOLD,
     coarse_axis,
+    coarse_axis_first,
     is_anisotropic,
     median_shape_at_spacing,
     target_spacing,
@@ -408,7 +409,9 @@ def plan_from_fingerprint(
     dims = fingerprint.dims
     in_channels = len(fingerprint.channel_names)
     num_classes = len(fingerprint.labels)
-    spacings, shapes = fingerprint.spacings, fingerprint.shapes_after_crop
+    # every rule below works in the transposed order (coarse axis first); the fingerprint stays in raw order
+    transpose_forward = coarse_axis_first(fingerprint.median_spacing)
+    spacings, shapes = fingerprint.spacings[:, transpose_forward], fingerprint.shapes_after_crop[:, transpose_forward]
     num_cases = fingerprint.num_cases
     schemes, masks = choose_normalization(
         fingerprint.channel_names, fingerprint.file_ending, fingerprint.median_relative_size_after_crop
@@ -425,6 +428,8 @@ def plan_from_fingerprint(
             f"anisotropic: axis {axis} uses the 10th percentile of its spacings ({fullres_spacing[axis]:.4g} mm "
             f"instead of the median {median_spacing[axis]:.4g} mm)"
         )
+    if transpose_forward != sorted(transpose_forward):
+        spacing_note += f"; raw axes transposed {transpose_forward} so the coarse axis comes first"
 
     base_2d = base_fullres = None
     if dims == 2:
@@ -559,6 +564,7 @@ def plan_from_fingerprint(
         median_spacing=[float(s) for s in fingerprint.median_spacing],
         median_shape=[float(s) for s in fingerprint.median_shape_after_crop],
         gpu_memory_gb=float(gpu_memory_gb),
+        transpose_forward=list(transpose_forward),
     )
 
 
@@ -581,4 +587,6 @@ def format_plans_table(plans: Plans) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"* default configurations; memory budget {plans.gpu_memory_gb:g} GB")
+    if plans.transpose_forward != sorted(plans.transpose_forward):
+        lines.append(f"raw array axes transposed {plans.transpose_forward}: spacing and patch are in that order")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ preprocessed folder: ``3d_fullres`` (plain U-Net) and ``3d_fullres_unetrpp`` bot
 
 Axis conventions (style.md): ``patch_size``, ``strides`` and ``kernel_sizes`` are in array axis order;
 ``target_spacing`` has one entry per *network* axis: 3 for 3D configurations, 2 (in-plane) for 2D ones,
-whose slices keep their own out-of-plane spacing.
+whose slices keep their own out-of-plane spacing. Configurations work in the *transposed* axis order
+(``Plans.transpose_forward``: the coarse axis first), which is the raw order for most data.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from autoseg.errors import ConfigurationError
 from autoseg.fileio import read_json, write_json
+from autoseg.planning.spacing import inverse_permutation
 
 PLANS_SCHEMA_VERSION = 1
 PLANS_FILE = "plans.json"
@@ -116,10 +118,31 @@ class Plans:
     configurations: dict[str, Configuration]
     default_configurations: list[str]  # trained by default / compared by find-best
     intensity_stats: dict[str, IntensityStats]  # per channel index (as string), for CT normalisation
-    median_spacing: list[float]  # dataset median spacing (array order, 3 entries for 3D data)
-    median_shape: list[float]
+    median_spacing: list[float]  # dataset median spacing (the raw files' array order, as in fingerprint.json)
+    median_shape: list[float]  # dataset median shape after crop (raw array order)
     gpu_memory_gb: float = 8.0
+    # The raw array axes in the order every configuration works in: preprocessing transposes each image by
+    # ``transpose_forward`` first, restoring transposes back by ``transpose_backward`` (its inverse). Coarse
+    # axis first (docs/planning.md, "The coarse axis"). None (plans written before the field) = identity.
+    transpose_forward: list[int] | None = None
+    transpose_backward: list[int] | None = None
     schema_version: int = PLANS_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        identity = list(range(len(self.median_spacing)))
+        forward = identity if self.transpose_forward is None else [int(a) for a in self.transpose_forward]
+        if sorted(forward) != identity:
+            raise ConfigurationError(
+                f"plans.json: transpose_forward {forward} is not an order of the {len(identity)} image axes "
+                f"{identity}; fix it or re-run `autoseg plan`"
+            )
+        backward = inverse_permutation(forward)
+        if self.transpose_backward is not None and [int(a) for a in self.transpose_backward] != backward:
+            raise ConfigurationError(
+                f"plans.json: transpose_backward {list(self.transpose_backward)} is not the inverse of "
+                f"transpose_forward {forward}; set it to {backward}"
+            )
+        self.transpose_forward, self.transpose_backward = forward, backward
 
     @property
     def num_channels(self) -> int:

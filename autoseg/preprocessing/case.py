@@ -35,6 +35,7 @@ from autoseg.preprocessing.resampling import (
     resample_probabilities,
 )
 from autoseg.preprocessing.store import CaseProperties
+from autoseg.preprocessing.transpose import case_order, transpose_array, transpose_geometry, untranspose_array
 
 # Placeholder spacing of the dummy Z axis of 2D images (the reference's natural-image reader uses 999 too):
 # far coarser than any in-plane spacing, so it is always "the" separate axis and never resampled.
@@ -125,6 +126,10 @@ def preprocess_case(
         )
     if label is not None:
         label = _checked_label(label, geometry, name)  # before the image work, so bad labels fail fast
+    # the plan's axis order first (coarse axis first); all below works in it, properties keep the raw geometry
+    order = case_order(plans.transpose_forward, geometry.dims)
+    raw_geometry, geometry = geometry, transpose_geometry(geometry, order)
+    image, label = transpose_array(image, order), (None if label is None else transpose_array(label, order))
 
     # crop (mask in the image's own dimensionality, see nonzero_mask), then lift 2D to [C, 1, Y, X]
     mask = nonzero_mask(image)
@@ -156,13 +161,14 @@ def preprocess_case(
 
     properties = CaseProperties(
         case_id=case_id,
-        geometry=geometry,
+        geometry=raw_geometry,
         original_spacing=original_spacing,
         shape_before_crop=shape_before_crop,
         bbox=[list(map(int, b)) for b in box],
         shape_after_crop=shape_after_crop,
         spacing_after_resampling=target_spacing,
         shape_after_resampling=list(new_shape),
+        transpose_forward=order,
     )
     stored_label = None
     if label is not None:
@@ -206,6 +212,7 @@ def restore_probabilities(
     fill = np.zeros(probabilities.shape[0], dtype=np.float32)
     fill[0] = 1.0
     full = uncrop(resampled, properties.bbox, properties.shape_before_crop, fill)
+    full = untranspose_array(full, properties.transpose_forward)  # back to the input's own axis order
     return full.reshape((probabilities.shape[0], *properties.geometry.shape))
 
 
@@ -225,6 +232,7 @@ def restore_segmentation(segmentation: np.ndarray, properties: CaseProperties, c
         resampling.order_z,
     )
     full = uncrop(resampled, properties.bbox, properties.shape_before_crop, 0)
+    full = untranspose_array(full, properties.transpose_forward)  # back to the input's own axis order
     return full.reshape(properties.geometry.shape)
 
 
@@ -260,4 +268,5 @@ def preprocess_label(label: np.ndarray, properties: CaseProperties, configuratio
     preprocessed grid (its stored crop box, then one-hot resampling), exactly as :func:`preprocess_case`
     stores a training label; a cascade maps the previous stage's predictions with it, without the image."""
     label = _checked_label(label, properties.geometry, properties.case_id or "case")
+    label = transpose_array(label, properties.transpose_forward)  # raw order -> the case's working order
     return _label_to_grid(label, properties, configuration)

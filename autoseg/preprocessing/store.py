@@ -31,8 +31,9 @@ PROPERTIES_SCHEMA_VERSION = 1
 class CaseProperties:
     """Everything needed to map a preprocessed case back onto its original image grid.
 
-    Shapes and spacings are in the stored (4D minus channel) axis order ``Z, Y, X``; for 2D images the
-    leading axis has size 1 and spacing ``original_spacing[0]`` is a placeholder.
+    Shapes, spacings and the crop box are in the stored (4D minus channel) axis order ``Z, Y, X``, which is
+    the raw order transposed by ``transpose_forward`` (``geometry`` alone stays in the raw order); for 2D
+    images the leading axis has size 1 and spacing ``original_spacing[0]`` is a placeholder.
     """
 
     case_id: str
@@ -43,6 +44,8 @@ class CaseProperties:
     shape_after_crop: list[int]
     spacing_after_resampling: list[float]
     shape_after_resampling: list[int]
+    # raw array axes in the working order above (Plans.transpose_forward as applied); None: identity
+    transpose_forward: list[int] | None = None
     class_locations: dict[str, list[list[int]]] = field(default_factory=dict)  # label -> [[z, y, x], ...]
     schema_version: int = PROPERTIES_SCHEMA_VERSION
 
