@@ -84,7 +84,7 @@ def probabilities_file(
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
                 member_name = f"{PROBABILITIES_KEY}.npy"
                 with open(scratch, "rb") as source, archive.open(member_name, "w", force_zip64=True) as member:
-                    shutil.copyfileobj(source, member, 16 << 20)
+                    shutil.copyfileobj(source, member, 1 << 20)  # small chunks: bounded memory
                 for key, value in extras.items():
                     with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                         np.lib.format.write_array(member, value, allow_pickle=False)

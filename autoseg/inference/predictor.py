@@ -30,6 +30,7 @@ from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
 from autoseg.inference.sliding_window import map_slabs, sliding_window_predict
 from autoseg.io import Geometry, read_image
 from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
+from autoseg.preprocessing.case import RESTORE_SLAB_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ class Predictor:
         # the [K, Z, Y, X] accumulators: float16 halves the largest arrays of a prediction (sliding_window.py
         # says why that stays precise); full precision (mixed_precision=False) keeps float32 throughout
         self.accumulator_dtype = torch.float16 if mixed_precision else torch.float32
+        # float32 bytes of one slab of all classes when restoring to the original grid (restore_segmentation)
+        self.restore_slab_bytes = RESTORE_SLAB_BYTES
         self.sources = [Path(s) for s in sources]
         self.networks = [network.to(self.device).eval() for network in networks]
         # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
@@ -396,7 +399,8 @@ class Predictor:
 
         if isinstance(log_probabilities, torch.Tensor):
             log_probabilities = log_probabilities.numpy()
-        return restore_segmentation_in_slabs(log_probabilities, properties, self.configuration, probabilities)
+        return restore_segmentation_in_slabs(log_probabilities, properties, self.configuration, probabilities,
+                                             slab_bytes=self.restore_slab_bytes)
 
     def predict_segmentation(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
         """The label map ``[*geometry.shape]`` of a raw image ``[C, (Z,) Y, X]``, with the memory of
