@@ -30,7 +30,7 @@ from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
 from autoseg.inference.sliding_window import map_slabs, sliding_window_predict
 from autoseg.io import Geometry, read_image
 from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
-from autoseg.preprocessing.case import RESTORE_SLAB_BYTES
+from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ class Predictor:
             )
         tensor = torch.as_tensor(np.asarray(data, dtype=np.float32) if isinstance(data, np.ndarray) else data)
         total: torch.Tensor | None = None
+        floor = float(torch.finfo(self.accumulator_dtype).min)
         with torch.inference_mode():
             for network in self.networks:
                 logits = sliding_window_predict(
@@ -320,7 +321,9 @@ class Predictor:
                     amp=self.amp,
                     accumulator_dtype=self.accumulator_dtype,
                 )
-                log_probabilities = map_slabs(logits, lambda block: torch.log_softmax(block, dim=0))
+                # floored at the dtype's most negative finite value: a logit gap beyond it (only absurd
+                # networks) would give -inf, and -inf times an interpolation weight of 0 is NaN
+                log_probabilities = map_slabs(logits, lambda block: torch.log_softmax(block, dim=0).clamp_(min=floor))
                 if total is None:
                     total = log_probabilities
                 else:
@@ -395,8 +398,6 @@ class Predictor:
         slab (:func:`autoseg.preprocessing.case.restore_segmentation_in_slabs`): memory stays at a few slabs
         of K channels. ``probabilities``: an optional ``[K, *original shape]`` array (e.g. a float16 memory
         map) to receive the softmax on the original grid."""
-        from autoseg.preprocessing.case import restore_segmentation_in_slabs
-
         if isinstance(log_probabilities, torch.Tensor):
             log_probabilities = log_probabilities.numpy()
         return restore_segmentation_in_slabs(log_probabilities, properties, self.configuration, probabilities,

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
+from torch import nn
 
 from autoseg.inference import Predictor, predict
 from autoseg.io import Geometry, read_segmentation, write_image
@@ -155,3 +157,23 @@ def test_peak_memory_of_prediction_stays_below_the_slab_bound(tmp_path: Path) ->
     top_two = np.sort(top, axis=0)[-2:]
     clear = top_two[1] - top_two[0] > 1e-2
     np.testing.assert_array_equal(np.argmax(top, 0)[clear], segmentation[:8][clear])
+
+
+class AbsurdLogits(nn.Module):
+    """Logits +1e5 / -1e5 / 0: beyond float16 on both sides, a log-probability gap no float16 can hold."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = x[:, :1] * 0
+        return torch.cat([zero + 1e5, zero - 1e5, zero], dim=1)
+
+
+def test_absurd_logits_give_no_nan_through_float16_and_the_restore() -> None:
+    plans = make_plans(3, patch=(8, 16, 16), spacing=(2.0, 1.0, 1.0))
+    predictor = Predictor([AbsurdLogits()], plans, plans.configurations["3d_fullres"], 1, device="cpu", mirror=False)
+    image = np.random.default_rng(8).uniform(1.0, 2.0, (1, 9, 20, 17)).astype(np.float32)
+    geometry = Geometry((9, 20, 17), (1.0, 1.0, 1.0), (0.0,) * 3, tuple(np.eye(3).ravel()))
+    data, _ = predictor.preprocess(image, geometry)
+    log_probabilities = predictor.predict_log_probabilities(data)
+    assert log_probabilities.dtype == torch.float16 and torch.isfinite(log_probabilities).all()
+    segmentation = predictor.predict_segmentation(image, geometry)  # resampled: -inf would turn into NaN
+    assert segmentation.shape == (9, 20, 17) and (segmentation == 0).all()
