@@ -297,7 +297,9 @@ class Predictor:
         about 3 significant digits however unlikely a class is, where float16 probabilities would flush
         everything below 6e-8 to zero. Folds are combined as ``log(mean_f p_f) = logsumexp_f(log p_f) - log F``,
         slab by slab in float32 (:func:`~autoseg.inference.sliding_window.map_slabs`), so no float32 copy of
-        the volume is ever made. Always at the planned patch size (fixed-size networks accept nothing else).
+        the volume is ever made, on the device where the folds were accumulated (so the CPU makes no pass
+        over the volume while the GPU waits). Always at the planned patch size (fixed-size networks accept
+        nothing else).
         """
         if data.ndim != 4 or data.shape[0] != self.in_channels:
             raise ValueError(
@@ -305,10 +307,9 @@ class Predictor:
             )
         tensor = torch.as_tensor(np.asarray(data, dtype=np.float32) if isinstance(data, np.ndarray) else data)
         total: torch.Tensor | None = None
-        floor = float(torch.finfo(self.accumulator_dtype).min)
         with torch.inference_mode():
             for network in self.networks:
-                logits = sliding_window_predict(
+                log_probabilities = sliding_window_predict(
                     network,
                     tensor,
                     self.configuration.patch_size,
@@ -320,19 +321,27 @@ class Predictor:
                     batch_size=self.window_batch_size,
                     amp=self.amp,
                     accumulator_dtype=self.accumulator_dtype,
+                    log_softmax=True,
+                    to_cpu=False,  # folds combine where they were accumulated: the GPU, when they fit
                 )
-                # floored at the dtype's most negative finite value: a logit gap beyond it (only absurd
-                # networks) would give -inf, and -inf times an interpolation weight of 0 is NaN
-                log_probabilities = map_slabs(logits, lambda block: torch.log_softmax(block, dim=0).clamp_(min=floor))
                 if total is None:
                     total = log_probabilities
                 else:
+                    if total.device != log_probabilities.device:  # one fold's accumulator fell back to the CPU
+                        total, log_probabilities = total.cpu(), log_probabilities.cpu()
                     map_slabs(total, torch.logaddexp, log_probabilities)
-                del logits, log_probabilities
+                del log_probabilities
+                if total.device.type == "cuda" and network is not self.networks[-1]:
+                    # the next fold's accumulator (as big as `total`) must fit beside it, with room for the
+                    # windows; else keep the running total on the CPU rather than push the accumulation there
+                    free, _ = torch.cuda.mem_get_info(total.device)
+                    if free < 2 * total.numel() * total.element_size():
+                        total = total.cpu()
             assert total is not None
             if len(self.networks) > 1:
                 shift = math.log(len(self.networks))
                 map_slabs(total, lambda block: block - shift)
+            total = total.cpu()
         return total
 
     def predict_preprocessed(self, data: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -213,13 +213,19 @@ def sliding_window_predict(
     sigma_scale: float = 1.0 / 8,
     progress: bool = False,
     accumulator_dtype: torch.dtype = torch.float16,
+    log_softmax: bool = False,
+    to_cpu: bool = True,
 ) -> torch.Tensor:
     """Predict a whole preprocessed image with overlapping windows.
 
     ``data``: ``[C, Z, Y, X]`` (float32). ``patch_size``: ``dims`` entries (3D: ``(pz, py, px)``; 2D:
     ``(py, px)``, each Z slice predicted on its own). ``batch_size`` windows go through the network at once.
     ``amp``: autocast dtype (``autoseg.device.amp_dtype``) or None. Returns ``[K, Z, Y, X]`` of
-    ``accumulator_dtype`` on the CPU: Gaussian-weighted mean logits, or their softmax over K when ``softmax``.
+    ``accumulator_dtype`` on the CPU: Gaussian-weighted mean logits, or their softmax over K when ``softmax``,
+    or their log-softmax when ``log_softmax`` (floored at the dtype's most negative finite value: float16
+    would give -inf beyond it, and -inf times an interpolation weight of 0 is NaN). Both run where the
+    accumulator is, so on the GPU the CPU never makes a pass over the volume. ``to_cpu=False`` returns the
+    result where it was accumulated (``device``, or the CPU when it did not fit there).
     The network must already be on ``device`` and in eval mode; call under ``torch.inference_mode()``.
 
     Memory: the accumulator ``[K, Z, Y, X]`` is the one array the size of the image times the classes, so it is
@@ -279,4 +285,7 @@ def sliding_window_predict(
     result = accumulated[unpad]
     if softmax:
         result = map_slabs(result, lambda block: torch.softmax(block, dim=0))
-    return result.cpu()
+    elif log_softmax:
+        floor = float(torch.finfo(accumulator_dtype).min)
+        result = map_slabs(result, lambda block: torch.log_softmax(block, dim=0).clamp_(min=floor))
+    return result.cpu() if to_cpu else result
