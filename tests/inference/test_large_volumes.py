@@ -112,10 +112,13 @@ def test_restore_in_slabs_2d_image() -> None:
     logits = np.random.default_rng(6).normal(size=(3, *data.shape[1:])).astype(np.float32)
     log_probabilities = logits - np.log(np.exp(logits).sum(0, keepdims=True))
     whole = restore_probabilities(np.exp(log_probabilities), properties, configuration)
-    segmentation = restore_segmentation_in_slabs(log_probabilities.astype(np.float16), properties, configuration)
+    written = np.full((3, 21, 17), np.nan, np.float16)  # [K, Y, X]: the dummy Z is the restore's business
+    segmentation = restore_segmentation_in_slabs(log_probabilities.astype(np.float16), properties, configuration,
+                                                 written)
     assert segmentation.shape == (21, 17)
     agreement = (segmentation == np.argmax(whole, axis=0)).mean()
     assert agreement > 0.99  # float16 input: a few near-ties may flip
+    np.testing.assert_allclose(written.astype(np.float32), whole, atol=2e-3, rtol=0)
 
 
 def test_peak_memory_of_prediction_stays_below_the_slab_bound(tmp_path: Path) -> None:
