@@ -131,6 +131,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         postprocess=not args.no_postprocessing,
         mixed_precision=not args.fp32,
+        part=args.part,
+        parts=args.parts,
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -295,9 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file name in each fold")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore postprocessing.json")
     p.add_argument("--fp32", action="store_true", help="full precision (default: AMP on CUDA, bf16 autocast on "
-                   "CPUs with native bf16, about 2x faster there)")
+                   "CPUs with native bf16, about 2x faster there; float16 accumulators, half the memory)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("-np", "--num-workers", type=int, default=2, help="reader/writer processes")
+    p.add_argument("-np", "--num-workers", type=int, default=2,
+                   help="reader threads and writer threads each (cases read ahead / waiting to be written)")
+    p.add_argument("--part", type=int, default=0,
+                   help="predict only share PART of the sorted cases (case i goes to part i %% PARTS)")
+    p.add_argument("--parts", type=int, default=1,
+                   help="number of jobs sharing the input, e.g. a SLURM array (docs/cluster.md)")
 
     p = command("ensemble", _cmd_ensemble, "average saved probabilities of several prediction folders",
                 "Average the <case>.npz probabilities of several prediction folders and write segmentations.")

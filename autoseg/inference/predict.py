@@ -1,8 +1,10 @@
 """`autoseg predict`: segment a folder of images (or one file) with trained folds.
 
-Pipeline per run: find the cases in the input; load the model once; then, while the network predicts case
-``i``, a small thread pool reads and preprocesses case ``i + 1`` (and the next ones, up to ``num_workers``
-ahead) and restores + writes case ``i - 1``. A case that cannot be read or does not fit the model is
+Pipeline per run: find the cases in the input (this job's share of them with ``part``/``parts``); check
+that the output folder is writable; load the model once; then, while the network predicts case ``i``,
+reader threads read and preprocess case ``i + 1`` (and the next ones, up to ``num_workers`` ahead) and
+writer threads restore + write case ``i - 1`` slab by slab (memory: a few slabs of all classes, never the
+float32 probabilities of the whole image). A case that cannot be read or does not fit the model is
 reported with its file and the reason and skipped; the others are still predicted. Every output file is
 written atomically, so an interrupted run never leaves a half-written segmentation.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,11 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from autoseg.errors import AutosegError, ImageReadError, PredictionError
-from autoseg.inference.outputs import write_probabilities
-from autoseg.inference.predictor import DEFAULT_CHECKPOINT, Predictor, probabilities_to_segmentation
+from autoseg.errors import AutosegError, ConfigurationError, ImageReadError, PredictionError
+from autoseg.inference.outputs import probabilities_file
+from autoseg.inference.predictor import DEFAULT_CHECKPOINT, Predictor
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_segmentation
 
 log = logging.getLogger(__name__)
@@ -149,7 +153,7 @@ def _apply_postprocessing(segmentation: np.ndarray, rules: Any) -> np.ndarray:
 class _Loaded:
     case: InputCase
     geometry: Geometry
-    data: np.ndarray
+    data: np.ndarray | None  # dropped once the network has seen it
     properties: Any
     seconds: float
 
@@ -168,26 +172,31 @@ def _load(predictor: Predictor, case: InputCase) -> _Loaded:
 def _export(
     predictor: Predictor,
     loaded: _Loaded,
-    probabilities: np.ndarray,
+    log_probabilities: torch.Tensor,
     output: Path,
     save_probabilities: bool,
     rules: Any | None,
 ) -> tuple[Path, float]:
-    """Restore to the original grid and write (runs in a worker thread)."""
+    """Restore to the original grid slab by slab and write (runs in a worker thread). With
+    ``save_probabilities`` the softmax goes, slab by slab too, into a float16 file-backed array that becomes
+    ``<case>.npz`` (:func:`~autoseg.inference.outputs.probabilities_file`)."""
     start = time.perf_counter()
-    restored = predictor.restore(probabilities, loaded.properties)
-    if tuple(restored.shape[1:]) != tuple(loaded.geometry.shape):
+    case, geometry = loaded.case, loaded.geometry
+    if save_probabilities:
+        shape = (int(log_probabilities.shape[0]), *geometry.shape)
+        with probabilities_file(output / f"{case.case_id}.npz", shape, geometry, case.ending) as probabilities:
+            segmentation = predictor.restore_segmentation(log_probabilities, loaded.properties, probabilities)
+    else:
+        segmentation = predictor.restore_segmentation(log_probabilities, loaded.properties)
+    if tuple(segmentation.shape) != tuple(geometry.shape):
         raise PredictionError(
-            f"{loaded.case.files[0]}: restored prediction has shape {restored.shape[1:]}, the image "
-            f"{loaded.geometry.shape}; this is a bug in preprocessing/restore, please report it"
+            f"{case.files[0]}: restored prediction has shape {segmentation.shape}, the image "
+            f"{geometry.shape}; this is a bug in preprocessing/restore, please report it"
         )
-    segmentation = probabilities_to_segmentation(restored)
     if rules is not None:
         segmentation = _apply_postprocessing(segmentation, rules)
-    target = output / f"{loaded.case.case_id}{loaded.case.ending}"
-    if save_probabilities:
-        write_probabilities(output / f"{loaded.case.case_id}.npz", restored, loaded.geometry, loaded.case.ending)
-    write_segmentation(segmentation, loaded.geometry, target)
+    target = output / f"{case.case_id}{case.ending}"
+    write_segmentation(segmentation, geometry, target)
     return target, time.perf_counter() - start
 
 
@@ -195,6 +204,41 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, AutosegError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def select_part(cases: Sequence[InputCase], part: int, parts: int) -> list[InputCase]:
+    """This job's share of the cases when ``parts`` jobs split one input folder: case ``i`` (in the sorted
+    order of :func:`find_input_cases`) goes to part ``i % parts``. Disjoint, together complete, and the same
+    on every machine, so a job array needs no coordination. Raises ConfigurationError unless
+    ``0 <= part < parts``."""
+    if parts < 1 or not 0 <= part < parts:
+        raise ConfigurationError(
+            f"--part {part} --parts {parts}: expected 0 <= part < parts with parts >= 1; use --part "
+            f"0..{max(parts, 1) - 1} --parts {max(parts, 1)} (SLURM: --part $SLURM_ARRAY_TASK_ID, docs/cluster.md)"
+        )
+    return [case for index, case in enumerate(cases) if index % parts == part]
+
+
+def check_output_folder(output: str | os.PathLike) -> Path:
+    """Create ``output`` (with parents) and prove it writable with a probe file, before any case is predicted:
+    a typo or a read-only share should cost seconds, not a night of predictions that cannot be saved."""
+    folder = Path(output)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PredictionError(
+            f"{folder}: cannot create the output folder ({exc.strerror or exc}); pass a writable -o folder"
+        ) from exc
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".autoseg-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PredictionError(
+            f"{folder}: output folder is not writable ({exc.strerror or exc}); fix its permissions "
+            "(chmod u+w) or pass another -o folder"
+        ) from exc
+    return folder
 
 
 def predict(
@@ -214,14 +258,25 @@ def predict(
     postprocess: bool = True,
     predictor: Predictor | None = None,
     mixed_precision: bool = True,
+    part: int = 0,
+    parts: int = 1,
 ) -> PredictReport:
     """Predict every case of ``input`` into ``output`` (docs/prediction.md).
 
     ``folds=None`` uses every trained fold. ``predictor``: an already loaded model (then ``dataset``,
     ``configuration``, ``folds``, ``architecture``, ``checkpoint``, ``device``, ``step_size`` and ``mirror``
-    are taken from it). Returns a report; ``ok`` is False when any case failed.
+    are taken from it). ``part``/``parts``: predict only this job's share of the cases (:func:`select_part`).
+    Returns a report; ``ok`` is False when any case failed.
+
+    Concurrency: the calling thread runs the network, case after case. ``num_workers`` reader threads read
+    and preprocess the next cases, ``num_workers`` writer threads restore and write the finished ones; each
+    side holds at most ``num_workers`` cases (preprocessed images, resp. float16 network-grid
+    log-probabilities), so memory is bounded; the network waits only when reading is slower than it, or
+    when all writers are behind. Threads cannot outlive the process; on an error or Ctrl-C the queued work is
+    cancelled and only the cases already running finish.
     """
-    cases = find_input_cases(input)
+    cases = select_part(find_input_cases(input), int(part), int(parts))
+    output = check_output_folder(output)
     if predictor is None:
         if folds is not None:
             folds = [int(f) if str(f).isdigit() else str(f) for f in folds]
@@ -230,13 +285,11 @@ def predict(
             device=device, step_size=step_size, mirror=mirror, mixed_precision=mixed_precision,
         )
     rules = load_postprocessing_rules(predictor.sources[0].parent.parent) if postprocess and predictor.sources else None
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     report = PredictReport(ok=True)
     workers = max(1, int(num_workers))
-    log.info("predicting %d case(s) from %s into %s (%d fold(s), %s, mirror %s, step %.2f)",
-             len(cases), input, output, len(predictor.networks), predictor.device, predictor.mirror,
-             predictor.step_size)
+    log.info("predicting %d case(s)%s from %s into %s (%d fold(s), %s, mirror %s, step %.2f)",
+             len(cases), f" (part {part} of {parts})" if parts > 1 else "", input, output,
+             len(predictor.networks), predictor.device, predictor.mirror, predictor.step_size)
 
     def fail(case: InputCase, exc: BaseException) -> None:
         report.failures.append((case.case_id, _reason(exc)))
@@ -244,63 +297,74 @@ def predict(
         if not isinstance(exc, AutosegError):
             log.debug("traceback of %s", case.case_id, exc_info=exc)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autoseg-predict") as pool:
-        pending_loads: deque[tuple[InputCase, Future]] = deque()
-        pending_writes: deque[tuple[InputCase, Future, float]] = deque()
-        queue = iter(cases)
+    readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autoseg-read")
+    writers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autoseg-write")
+    pending_loads: deque[tuple[InputCase, Future]] = deque()
+    pending_writes: deque[tuple[InputCase, Future, float]] = deque()
+    queue = iter(cases)
 
-        def top_up() -> None:
-            # read ahead at most `workers` cases: bounded memory, network never waits for the disk
-            while len(pending_loads) < workers:
-                case = next(queue, None)
-                if case is None:
-                    return
-                pending_loads.append((case, pool.submit(_load, predictor, case)))
+    def top_up() -> None:
+        # read ahead at most `workers` cases: bounded memory, the network never waits for the disk
+        while len(pending_loads) < workers:
+            case = next(queue, None)
+            if case is None:
+                return
+            pending_loads.append((case, readers.submit(_load, predictor, case)))
 
-        def collect_write(block: bool) -> None:
-            while pending_writes and (block or pending_writes[0][1].done()):
-                case, future, network_seconds = pending_writes.popleft()
-                try:
-                    target, write_seconds = future.result()
-                except Exception as exc:  # noqa: BLE001 - every failure is reported per case
-                    fail(case, exc)
-                    continue
-                report.written.append(target)
-                total = report.seconds_per_case.get(case.case_id, 0.0) + write_seconds
-                report.seconds_per_case[case.case_id] = total
-                log.info("%s: %.1f s (network %.1f s) -> %s", case.case_id, total, network_seconds, target.name)
+    def collect_write(block: bool) -> None:
+        while pending_writes and (block or pending_writes[0][1].done()):
+            case, future, network_seconds = pending_writes.popleft()
+            try:
+                target, write_seconds = future.result()
+            except Exception as exc:  # noqa: BLE001 - every failure is reported per case
+                fail(case, exc)
+                continue
+            report.written.append(target)
+            total = report.seconds_per_case.get(case.case_id, 0.0) + write_seconds
+            report.seconds_per_case[case.case_id] = total
+            log.info("%s: %.1f s (network %.1f s) -> %s", case.case_id, total, network_seconds, target.name)
 
+    progress = tqdm(total=len(cases), desc="predict", unit="case")
+    finished = False
+    try:
         top_up()
-        progress = tqdm(total=len(cases), desc="predict", unit="case")
-        try:
-            while pending_loads:
-                case, future = pending_loads.popleft()
-                try:
-                    loaded = future.result()
-                except Exception as exc:  # noqa: BLE001
-                    fail(case, exc)
-                    progress.update(1)
-                    top_up()
-                    continue
-                top_up()
-                start = time.perf_counter()
-                try:
-                    probabilities = predictor.predict_preprocessed(loaded.data)
-                except Exception as exc:  # noqa: BLE001
-                    fail(case, exc)
-                    progress.update(1)
-                    continue
-                network_seconds = time.perf_counter() - start
-                report.seconds_per_case[case.case_id] = loaded.seconds + network_seconds
-                pending_writes.append((case, pool.submit(
-                    _export, predictor, loaded, probabilities, output, save_probabilities, rules), network_seconds))
-                # at most `workers` restored volumes in flight: memory stays bounded on big CT scans
-                if len(pending_writes) > workers:
-                    pending_writes[0][1].exception()  # waits for the oldest write without raising
-                collect_write(block=False)
+        while pending_loads:
+            case, future = pending_loads.popleft()
+            try:
+                loaded = future.result()
+            except Exception as exc:  # noqa: BLE001
+                fail(case, exc)
                 progress.update(1)
-            collect_write(block=True)
-        finally:
-            progress.close()
+                top_up()
+                continue
+            top_up()
+            start = time.perf_counter()
+            try:
+                log_probabilities = predictor.predict_log_probabilities(loaded.data)
+            except Exception as exc:  # noqa: BLE001
+                fail(case, exc)
+                progress.update(1)
+                continue
+            loaded.data = None  # the preprocessed image is not needed for the restore: free it now
+            network_seconds = time.perf_counter() - start
+            report.seconds_per_case[case.case_id] = loaded.seconds + network_seconds
+            # at most `workers` cases waiting to be written: memory stays bounded when writing is the
+            # bottleneck (the network then waits here for the oldest write)
+            while len(pending_writes) >= workers:
+                collect_write(block=False)
+                if len(pending_writes) >= workers:
+                    pending_writes[0][1].exception()  # waits for the oldest write without raising
+            pending_writes.append((case, writers.submit(
+                _export, predictor, loaded, log_probabilities, output, save_probabilities, rules), network_seconds))
+            del log_probabilities, loaded
+            collect_write(block=False)
+            progress.update(1)
+        collect_write(block=True)
+        finished = True
+    finally:
+        progress.close()
+        # normal end: nothing is queued any more; on an error or Ctrl-C drop what has not started
+        readers.shutdown(wait=True, cancel_futures=not finished)
+        writers.shutdown(wait=True, cancel_futures=not finished)
     report.ok = not report.failures
     return report

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from torch import nn
 
 from autoseg.device import choose_device, inference_amp_dtype
 from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
-from autoseg.inference.sliding_window import sliding_window_predict
+from autoseg.inference.sliding_window import map_slabs, sliding_window_predict
 from autoseg.io import Geometry, read_image
 from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
+from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,11 @@ class Predictor:
         self.mirror = bool(mirror)
         self.window_batch_size = int(window_batch_size)
         self.amp = inference_amp_dtype(self.device, mixed_precision)
+        # the [K, Z, Y, X] accumulators: float16 halves the largest arrays of a prediction (sliding_window.py
+        # says why that stays precise); full precision (mixed_precision=False) keeps float32 throughout
+        self.accumulator_dtype = torch.float16 if mixed_precision else torch.float32
+        # float32 bytes of one slab of all classes when restoring to the original grid (restore_segmentation)
+        self.restore_slab_bytes = RESTORE_SLAB_BYTES
         self.sources = [Path(s) for s in sources]
         self.networks = [network.to(self.device).eval() for network in networks]
         # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
@@ -281,9 +288,19 @@ class Predictor:
     def model_dims(self) -> int:
         return int(self.configuration.dims)
 
-    def predict_preprocessed(self, data: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Softmax probabilities float32 ``[K, Z, Y, X]`` for a preprocessed ``[C, Z, Y, X]`` array, averaged
-        over folds. Always at the planned patch size (fixed-size networks accept nothing else)."""
+    def predict_log_probabilities(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Log of the fold-averaged softmax, ``[K, Z, Y, X]`` on the CPU in :attr:`accumulator_dtype`
+        (float16 unless built with ``mixed_precision=False``), for a preprocessed ``[C, Z, Y, X]`` array.
+
+        Log-probabilities rather than probabilities: they are what the restore interpolates
+        (:func:`~autoseg.preprocessing.resampling.resample_probabilities` says why), and float16 keeps them to
+        about 3 significant digits however unlikely a class is, where float16 probabilities would flush
+        everything below 6e-8 to zero. Folds are combined as ``log(mean_f p_f) = logsumexp_f(log p_f) - log F``,
+        slab by slab in float32 (:func:`~autoseg.inference.sliding_window.map_slabs`), so no float32 copy of
+        the volume is ever made, on the device where the folds were accumulated (so the CPU makes no pass
+        over the volume while the GPU waits). Always at the planned patch size (fixed-size networks accept
+        nothing else).
+        """
         if data.ndim != 4 or data.shape[0] != self.in_channels:
             raise ValueError(
                 f"preprocessed data must be [C={self.in_channels}, Z, Y, X], got shape {tuple(data.shape)}"
@@ -292,7 +309,7 @@ class Predictor:
         total: torch.Tensor | None = None
         with torch.inference_mode():
             for network in self.networks:
-                probabilities = sliding_window_predict(
+                log_probabilities = sliding_window_predict(
                     network,
                     tensor,
                     self.configuration.patch_size,
@@ -303,11 +320,39 @@ class Predictor:
                     device=self.device,
                     batch_size=self.window_batch_size,
                     amp=self.amp,
-                    softmax=True,
+                    accumulator_dtype=self.accumulator_dtype,
+                    log_softmax=True,
+                    to_cpu=False,  # folds combine where they were accumulated: the GPU, when they fit
                 )
-                total = probabilities if total is None else total + probabilities
-        assert total is not None
-        return (total / len(self.networks)).numpy()
+                if total is None:
+                    total = log_probabilities
+                else:
+                    if total.device != log_probabilities.device:  # one fold's accumulator fell back to the CPU
+                        total, log_probabilities = total.cpu(), log_probabilities.cpu()
+                    map_slabs(total, torch.logaddexp, log_probabilities)
+                del log_probabilities
+                if total.device.type == "cuda" and network is not self.networks[-1]:
+                    # the next fold's accumulator (as big as `total`) must fit beside it, with room for the
+                    # windows; else keep the running total on the CPU rather than push the accumulation there
+                    free, _ = torch.cuda.mem_get_info(total.device)
+                    if free < 2 * total.numel() * total.element_size():
+                        total = total.cpu()
+            assert total is not None
+            if len(self.networks) > 1:
+                shift = math.log(len(self.networks))
+                map_slabs(total, lambda block: block - shift)
+            total = total.cpu()
+        return total
+
+    def predict_preprocessed(self, data: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Softmax probabilities float32 ``[K, Z, Y, X]`` for a preprocessed ``[C, Z, Y, X]`` array, averaged
+        over folds: ``exp`` of :meth:`predict_log_probabilities` (a float32 array the size of the network
+        grid times K; ``autoseg predict`` never makes it, see :meth:`restore_segmentation`)."""
+        log_probabilities = self.predict_log_probabilities(data)
+        probabilities = np.empty(tuple(log_probabilities.shape), dtype=np.float32)
+        for start in range(probabilities.shape[1]):
+            probabilities[:, start] = np.exp(log_probabilities[:, start].numpy().astype(np.float32))
+        return probabilities
 
     def check_image(self, image: np.ndarray, geometry: Geometry, name: str = "image") -> None:
         """Raise ImageReadError when ``image`` cannot go through this model (channels, dimensionality)."""
@@ -344,7 +389,7 @@ class Predictor:
                     f"'{self.configuration.previous_stage}', but no model of that stage is loaded; load with "
                     "Predictor.from_folder or set predictor.previous_stage"
                 )
-            previous_segmentation, _ = self.previous_stage.predict_array(image, geometry)
+            previous_segmentation = self.previous_stage.predict_segmentation(image, geometry)
         data, label, properties = preprocess_case(
             image, geometry, self.plans, self.configuration, label=previous_segmentation, case_id=case_id
         )
@@ -354,6 +399,27 @@ class Predictor:
         """Probabilities ``[K, Z, Y, X]`` of the preprocessed grid -> float32 ``[K, *original shape]``."""
         _, restore_probabilities, _ = preprocessing_functions()
         return restore_probabilities(probabilities, properties, self.configuration)
+
+    def restore_segmentation(
+        self, log_probabilities: np.ndarray | torch.Tensor, properties: Any, probabilities: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Log-probabilities ``[K, Z, Y, X]`` of the preprocessed grid -> label map on the original grid, slab by
+        slab (:func:`autoseg.preprocessing.case.restore_segmentation_in_slabs`): memory stays at a few slabs
+        of K channels. ``probabilities``: an optional ``[K, *original shape]`` array (e.g. a float16 memory
+        map) to receive the softmax on the original grid."""
+        if isinstance(log_probabilities, torch.Tensor):
+            log_probabilities = log_probabilities.numpy()
+        return restore_segmentation_in_slabs(log_probabilities, properties, self.configuration, probabilities,
+                                             slab_bytes=self.restore_slab_bytes)
+
+    def predict_segmentation(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """The label map ``[*geometry.shape]`` of a raw image ``[C, (Z,) Y, X]``, with the memory of
+        ``autoseg predict`` (no float32 probabilities on either grid); a cascade's previous stage uses it."""
+        self.check_image(image, geometry)
+        data, properties = self.preprocess(image, geometry)
+        log_probabilities = self.predict_log_probabilities(data)
+        del data
+        return self.restore_segmentation(log_probabilities, properties)
 
     def predict_array(
         self, image: np.ndarray, geometry: Geometry, previous_segmentation: np.ndarray | None = None
@@ -386,7 +452,7 @@ def foreground_one_hot(segmentation: np.ndarray, num_classes: int) -> np.ndarray
 
 def probabilities_to_segmentation(probabilities: np.ndarray) -> np.ndarray:
     """Argmax over classes: ``[K, ...]`` -> ``[...]`` label map (uint8 for < 256 classes)."""
-    dtype = np.uint8 if probabilities.shape[0] < 256 else np.uint16
+    dtype = np.uint8 if probabilities.shape[0] < 256 else np.uint16  # as segmentation_dtype in the restore
     return np.argmax(probabilities, axis=0).astype(dtype)
 
 

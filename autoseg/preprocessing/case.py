@@ -30,6 +30,7 @@ from autoseg.preprocessing.normalization import normalize_channel
 from autoseg.preprocessing.resampling import (
     choose_separate_axis,
     compute_new_shape,
+    iter_resampled_slabs,
     resample_channels,
     resample_labels,
     resample_probabilities,
@@ -234,6 +235,76 @@ def restore_segmentation(segmentation: np.ndarray, properties: CaseProperties, c
     full = uncrop(resampled, properties.bbox, properties.shape_before_crop, 0)
     full = untranspose_array(full, properties.transpose_forward)  # back to the input's own axis order
     return full.reshape(properties.geometry.shape)
+
+
+# Restoring in slabs: float32 bytes of one slab of all classes (its input rows and its output rows each).
+# 256 MiB is 5 rows of a 512 x 512 CT at 50 classes, against 31.5 GB for the whole float32 volume.
+RESTORE_SLAB_BYTES = 256 << 20
+
+
+def segmentation_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """The label map dtype of a prediction: uint8 below 256 classes, else uint16."""
+    return np.uint8 if num_classes < 256 else np.uint16
+
+
+def restore_segmentation_in_slabs(
+    log_probabilities: np.ndarray,
+    properties: CaseProperties,
+    configuration: Configuration,
+    probabilities: np.ndarray | None = None,
+    slab_bytes: int = RESTORE_SLAB_BYTES,
+) -> np.ndarray:
+    """Log-probabilities ``[K, Z, Y, X]`` in preprocessed space (any float dtype, e.g. float16) -> label map
+    ``[*properties.geometry.shape]`` (:func:`segmentation_dtype`) on the original grid, with bounded memory.
+
+    The same result as ``argmax(restore_probabilities(exp(log_probabilities)))`` (log-space interpolation
+    with ``order_probabilities``/``order_z``, background outside the crop box), computed one slab of output
+    rows along the first axis at a time (:func:`~autoseg.preprocessing.resampling.iter_resampled_slabs`):
+    the argmax of each slab goes straight into the label map. ``slab_bytes`` bounds the float32 output rows of
+    a slab and (up to the interpolation's few halo rows) the input rows it needs, each; with the previous
+    slab's input rows kept for reuse, about ``3 * slab_bytes`` of float32 are alive at once, never
+    ``[K, *original shape]``. Arg-max of the interpolated log-probabilities equals
+    the arg-max of their softmax, so no softmax is computed unless ``probabilities`` is given: a writable
+    ``[K, *properties.geometry.shape]`` array (e.g. a float16 memory map) that receives the softmax, class 0
+    probability 1 outside the crop box, exactly what :func:`restore_probabilities` returns.
+    """
+    _check_preprocessed_shape(log_probabilities.shape[1:], properties, "log-probabilities")
+    num_classes = int(log_probabilities.shape[0])
+    full_shape = tuple(int(n) for n in properties.shape_before_crop)
+    segmentation = np.zeros(full_shape, dtype=segmentation_dtype(num_classes))  # background outside the box
+    (z_lo, z_hi), (y_lo, y_hi), (x_lo, x_hi) = properties.bbox
+    if probabilities is not None:
+        expected = (num_classes, *properties.geometry.shape)
+        if tuple(probabilities.shape) != expected:
+            raise ValueError(f"probabilities output has shape {tuple(probabilities.shape)}, expected {expected}")
+        probabilities = probabilities.reshape((num_classes, *full_shape))  # 2D images: the dummy Z (a view)
+        for rows in (slice(0, z_lo), slice(z_hi, full_shape[0])):  # whole rows outside the box
+            probabilities[0, rows] = 1
+            probabilities[1:, rows] = 0
+    row_bytes = 4 * num_classes * int(np.prod(properties.shape_after_crop[1:]))
+    # input rows per output row: above 1 where the original grid is coarser along the first axis
+    rows_in_per_out = max(1, math.ceil(log_probabilities.shape[1] / properties.shape_after_crop[0]))
+    resampling = configuration.resampling
+    for start, stop, slab in iter_resampled_slabs(
+        log_probabilities,
+        properties.shape_after_crop,
+        resampling.order_probabilities,
+        _restore_axis(properties, configuration),
+        resampling.order_z,
+        rows_per_slab=max(1, int(slab_bytes) // (row_bytes * rows_in_per_out)),
+    ):
+        rows = slice(z_lo + start, z_lo + stop)
+        segmentation[rows, y_lo:y_hi, x_lo:x_hi] = np.argmax(slab, axis=0)
+        if probabilities is None:
+            continue
+        slab -= slab.max(axis=0, keepdims=True)  # softmax over K in place, as in resample_probabilities
+        np.exp(slab, out=slab)
+        slab /= slab.sum(axis=0, keepdims=True)
+        band = np.zeros((num_classes, stop - start, *full_shape[1:]), dtype=probabilities.dtype)
+        band[0] = 1
+        band[:, :, y_lo:y_hi, x_lo:x_hi] = slab
+        probabilities[:, rows] = band  # each value written once: memory maps stream to disk
+    return segmentation.reshape(properties.geometry.shape)
 
 
 def _checked_label(label: np.ndarray, geometry: Geometry, name: str) -> np.ndarray:

@@ -17,7 +17,7 @@ would build a float64 copy of the whole volume for its spline prefilter; we pref
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -238,3 +238,110 @@ def resample_to_spacing(
     new_shape = compute_new_shape(data.shape[1:], spacing, target_spacing)
     axis = choose_separate_axis(spacing, target_spacing, separate_z, anisotropy_threshold)
     return resample_channels(data, new_shape, order, axis, order_z)
+
+
+# ------------------------------------------------------------------------------------ slab by slab
+# Weights below this fraction of a row's largest weight are dropped from a row of an interpolation matrix:
+# spline orders > 1 have an infinite (exponentially decaying) prefilter response, and for cubic splines
+# 1e-12 is reached within about 21 rows (pole -0.268), far below float32 resolution.
+_MATRIX_CUTOFF = 1e-12
+
+
+def interpolation_matrix(in_length: int, out_length: int, order: int) -> np.ndarray:
+    """The 1D resize of :func:`resample_volume` along one axis as a float64 matrix ``[out_length, in_length]``.
+
+    Column ``j`` is the resized unit impulse at ``j`` (same grid_mode mapping, boundary mode and spline
+    prefilter as :func:`_zoom`); every step of the resize is linear, so ``matrix @ v`` is the resized ``v``.
+    Order 0 gives exactly one 1.0 per row and order 1 at most two non-zeros, so an output row depends on a
+    row or two of the input, which is what lets :func:`iter_resampled_slabs` work on slabs.
+    """
+    in_length, out_length = int(in_length), int(out_length)
+    matrix = np.empty((out_length, in_length), dtype=np.float64)
+    impulse = np.zeros(in_length, dtype=np.float64)
+    for j in range(in_length):
+        impulse[j] = 1.0
+        column = ndimage.zoom(impulse, out_length / in_length, order=order, mode=_MODE, grid_mode=True,
+                              prefilter=order > 1)
+        impulse[j] = 0.0
+        if column.shape != (out_length,):
+            raise AssertionError(f"zoom produced {column.shape}, expected ({out_length},)")
+        matrix[:, j] = column
+    largest = np.abs(matrix).max(axis=1, keepdims=True)
+    matrix[np.abs(matrix) < _MATRIX_CUTOFF * largest] = 0.0
+    return matrix
+
+
+def row_interpolation_matrix(
+    in_length: int, out_length: int, order: int, separate_axis: int | None = None, order_z: int = 0
+) -> np.ndarray:
+    """:func:`interpolation_matrix` for the first axis of a 3D volume under the rules of
+    :func:`resample_volume`: ``order_z`` when axis 0 is the separate axis (exact identity when its length does
+    not change, as resample_volume then skips it), else ``order``."""
+    if separate_axis == 0:
+        if in_length == out_length:
+            return np.eye(int(in_length), dtype=np.float64)
+        return interpolation_matrix(in_length, out_length, order_z)
+    return interpolation_matrix(in_length, out_length, order)
+
+
+def resample_plane(
+    plane: np.ndarray, new_plane_shape: Sequence[int], order: int, separate_axis: int | None = None, order_z: int = 0
+) -> np.ndarray:
+    """One slice ``[Y, X]`` of a 3D volume resized in-plane (float32 ``new_plane_shape``), with the orders
+    :func:`resample_volume` uses on axes 1 and 2 for ``separate_axis`` (an axis of the 3D volume)."""
+    if separate_axis in (1, 2):
+        return resample_volume(plane, new_plane_shape, order, separate_axis - 1, order_z)
+    return _zoom(plane, new_plane_shape, order)
+
+
+def iter_resampled_slabs(
+    channels: np.ndarray,
+    new_shape: Sequence[int],
+    order: int,
+    separate_axis: int | None = None,
+    order_z: int = 0,
+    rows_per_slab: int = 8,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """:func:`resample_channels` one slab of output rows at a time: yields ``(start, stop, slab)`` with
+    ``slab`` float32 ``[C, stop - start, *new_shape[1:]]`` equal to ``resample_channels(channels, new_shape,
+    order, separate_axis, order_z)[:, start:stop]``, for consecutive slabs covering axis 0.
+
+    ``channels``: ``[C, Z, Y, X]`` of any float dtype (e.g. float16; converted one input row at a time).
+    How: resampling is separable, so each input row is resized in-plane (:func:`resample_plane`) and output
+    rows are weighted sums of those rows (:func:`row_interpolation_matrix`). A slab needs only the input rows
+    its matrix rows touch (for orders <= 1: the rows around it, one or two per output row; the halo comes from
+    the matrix, not a guess); rows shared with the previous slab are reused. Orders 0 give bit-identical
+    values (a row is copied); higher orders agree to float32 rounding (sums in another order).
+    Memory: the input rows of one slab and the slab itself, C channels each, never the whole volume.
+    """
+    new_shape = tuple(int(n) for n in new_shape)
+    if channels.ndim != 4 or len(new_shape) != 3:
+        raise ValueError(f"expected channels [C, Z, Y, X] and a 3D shape, got {channels.shape} and {new_shape}")
+    rows_per_slab = max(1, int(rows_per_slab))
+    count, out_length = channels.shape[0], new_shape[0]
+    if tuple(channels.shape[1:]) == new_shape:  # nothing to interpolate: copy the values bit-exactly
+        for start in range(0, out_length, rows_per_slab):
+            stop = min(start + rows_per_slab, out_length)
+            yield start, stop, np.array(channels[:, start:stop], dtype=np.float32)
+        return
+    plane_shape = new_shape[1:]
+    matrix = row_interpolation_matrix(channels.shape[1], out_length, order, separate_axis, order_z)
+    cached_first, cached = 0, np.empty((count, 0, *plane_shape), dtype=np.float32)
+    for start in range(0, out_length, rows_per_slab):
+        stop = min(start + rows_per_slab, out_length)
+        used = np.flatnonzero(np.any(matrix[start:stop] != 0, axis=0))
+        first, last = int(used[0]), int(used[-1]) + 1
+        planes = np.empty((count, last - first, *plane_shape), dtype=np.float32)
+        for row in range(first, last):
+            if cached_first <= row < cached_first + cached.shape[1]:
+                planes[:, row - first] = cached[:, row - cached_first]
+                continue
+            for channel in range(count):
+                source = np.asarray(channels[channel, row], dtype=np.float32)
+                planes[channel, row - first] = resample_plane(source, plane_shape, order, separate_axis, order_z)
+        cached_first, cached = first, planes
+        slab = np.zeros((count, stop - start, *plane_shape), dtype=np.float32)
+        for out_row in range(start, stop):
+            for row in np.flatnonzero(matrix[out_row, first:last]):
+                slab[:, out_row - start] += np.float32(matrix[out_row, first + row]) * planes[:, row]
+        yield start, stop, slab

@@ -91,3 +91,46 @@ def test_cli_ensemble_rejects_a_missing_postprocessing_file(tmp_path, capsys):
     code = main(["ensemble", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--postprocessing", str(tmp_path / "nope")])
     assert code == 1
     assert "no postprocessing.json" in capsys.readouterr().err
+
+
+def test_slab_written_probabilities_file_equals_the_whole_array_format(tmp_path: Path) -> None:
+    """probabilities_file (filled slab by slab, as predict does) writes what write_probabilities writes: same
+    members, same arrays, readable without pickle and by the ensemble."""
+    import zipfile
+
+    from autoseg.inference.outputs import probabilities_file
+
+    whole, first = _random_probabilities(5), _random_probabilities(6)
+    write_probabilities(tmp_path / "whole" / "a.npz", whole, GEOMETRY, ".nii.gz")
+    with probabilities_file(tmp_path / "slabs" / "a.npz", whole.shape, GEOMETRY, ".nii.gz") as target:
+        assert target.dtype == np.float16 and target.shape == whole.shape
+        for z in range(GEOMETRY.shape[0]):
+            target[:, z] = whole[:, z]
+    assert sorted(p.name for p in (tmp_path / "slabs").iterdir()) == ["a.npz"]  # scratch file removed
+    with zipfile.ZipFile(tmp_path / "slabs" / "a.npz") as archive:
+        assert sorted(archive.namelist()) == ["file_ending.npy", "geometry.npy", "probabilities.npy"]
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    with np.load(tmp_path / "whole" / "a.npz", allow_pickle=False) as a, \
+            np.load(tmp_path / "slabs" / "a.npz", allow_pickle=False) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+    probabilities, geometry, ending = read_probabilities(tmp_path / "slabs" / "a.npz")
+    assert ending == ".nii.gz" and geometry.mismatch(GEOMETRY) == []
+    np.testing.assert_array_equal(probabilities, whole.astype(np.float16).astype(np.float32))
+    write_probabilities(tmp_path / "other" / "a.npz", first, GEOMETRY, ".nii.gz")
+    written = ensemble_folders([tmp_path / "slabs", tmp_path / "other"], tmp_path / "ensemble")
+    segmentation, _ = read_segmentation(written[0])
+    mean = (whole.astype(np.float16).astype(np.float32) + first.astype(np.float16).astype(np.float32)) / 2
+    top_two = np.sort(mean, axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 1e-3
+    np.testing.assert_array_equal(segmentation[clear], np.argmax(mean, axis=0)[clear])
+
+
+def test_probabilities_file_leaves_nothing_when_filling_fails(tmp_path: Path) -> None:
+    from autoseg.inference.outputs import probabilities_file
+
+    with pytest.raises(RuntimeError, match="restore failed"):
+        with probabilities_file(tmp_path / "a.npz", (3, *GEOMETRY.shape), GEOMETRY, ".nii.gz"):
+            raise RuntimeError("restore failed")
+    assert list(tmp_path.iterdir()) == []

@@ -12,8 +12,11 @@ from autoseg.inference.sliding_window import (
     mirror_axis_sets,
     pad_to_patch,
     sliding_window_predict,
+    summed_window_weights,
     window_slices,
 )
+
+FP32 = torch.float32  # exact comparisons with hand-made references; the float16 default has its own test
 
 
 class AsymmetricConv(nn.Module):
@@ -112,14 +115,15 @@ def test_mirroring_is_exactly_undone_3d() -> None:
     data = torch.randn(2, 8, 12, 16)
     patch = (4, 6, 8)  # exact integer steps (2, 3, 4): flipped image has mirrored tiles
     with torch.inference_mode():
-        mirrored = sliding_window_predict(network, data, patch, 3, 3, mirror=True)
+        mirrored = sliding_window_predict(network, data, patch, 3, 3, mirror=True, accumulator_dtype=FP32)
         manual = torch.zeros_like(mirrored)
         for axes in mirror_axis_sets(3):
             flip = [a + 1 for a in axes]
-            pred = sliding_window_predict(network, torch.flip(data, flip) if flip else data, patch, 3, 3, mirror=False)
+            pred = sliding_window_predict(network, torch.flip(data, flip) if flip else data, patch, 3, 3, mirror=False,
+                                          accumulator_dtype=FP32)
             manual += torch.flip(pred, flip) if flip else pred
         manual /= 8
-        plain = sliding_window_predict(network, data, patch, 3, 3, mirror=False)
+        plain = sliding_window_predict(network, data, patch, 3, 3, mirror=False, accumulator_dtype=FP32)
     torch.testing.assert_close(mirrored, manual, atol=1e-5, rtol=1e-5)
     assert (mirrored - plain).abs().max() > 1e-2  # the network really is not mirror-symmetric
 
@@ -128,7 +132,7 @@ def test_single_window_equals_network_output() -> None:
     network = AsymmetricConv(3).eval()
     data = torch.randn(2, 4, 6, 8)
     with torch.inference_mode():
-        pred = sliding_window_predict(network, data, (4, 6, 8), 3, 3, mirror=False)
+        pred = sliding_window_predict(network, data, (4, 6, 8), 3, 3, mirror=False, accumulator_dtype=FP32)
         direct = network(data[None])[0]
     torch.testing.assert_close(pred, direct, atol=1e-5, rtol=1e-5)
 
@@ -137,7 +141,8 @@ def test_known_function_with_padding_and_deep_supervision_list() -> None:
     rng = np.random.default_rng(0)
     data = torch.from_numpy(rng.uniform(0, 1, (1, 3, 5, 7)).astype(np.float32))  # smaller than the patch
     with torch.inference_mode():
-        probabilities = sliding_window_predict(Threshold(), data, (4, 8, 8), 3, 2, softmax=True, batch_size=3)
+        probabilities = sliding_window_predict(Threshold(), data, (4, 8, 8), 3, 2, softmax=True, batch_size=3,
+                                               accumulator_dtype=FP32)
     assert tuple(probabilities.shape) == (2, 3, 5, 7)
     torch.testing.assert_close(probabilities.sum(0), torch.ones(3, 5, 7))
     expected = (data[0] > 0.5).long()
@@ -150,13 +155,51 @@ def test_2d_network_predicts_each_slice() -> None:
     network = AsymmetricConv(2).eval()
     data = torch.randn(2, 3, 10, 12)
     with torch.inference_mode():
-        pred = sliding_window_predict(network, data, (10, 12), 2, 3, mirror=False, batch_size=2)
+        pred = sliding_window_predict(network, data, (10, 12), 2, 3, mirror=False, batch_size=2,
+                                      accumulator_dtype=FP32)
         for z in range(3):
             torch.testing.assert_close(pred[:, z], network(data[None, :, z])[0], atol=1e-5, rtol=1e-5)
-        mirrored = sliding_window_predict(network, data, (10, 12), 2, 3, mirror=True)
+        mirrored = sliding_window_predict(network, data, (10, 12), 2, 3, mirror=True, accumulator_dtype=FP32)
         manual = sum(
             torch.flip(network(torch.flip(data[:, 1][None], [a + 2 for a in axes])), [a + 2 for a in axes])
             if axes else network(data[:, 1][None])
             for axes in mirror_axis_sets(2)
         )[0] / 4
     torch.testing.assert_close(mirrored[:, 1], manual, atol=1e-5, rtol=1e-5)
+
+
+def test_summed_window_weights_is_the_sum_over_windows() -> None:
+    patch, shape = (4, 6), (9, 10)
+    tiles = list(window_slices(compute_tile_starts(shape, patch, 0.5), patch))
+    gaussian = torch.from_numpy(gaussian_importance_map(patch))
+    expected = torch.zeros(shape)
+    for tile in tiles:
+        expected[tile] += gaussian
+    torch.testing.assert_close(summed_window_weights(shape, tiles, gaussian), expected)
+    assert float(expected.min()) > 0
+
+
+def test_float16_accumulator_close_to_float32() -> None:
+    """The default float16 accumulator (normalised Gaussian weights) against a float32 one: a tiny random
+    U-Net, 3 overlapping windows per axis, 12 classes."""
+    from autoseg import networks
+
+    torch.manual_seed(0)
+    network = networks.build("unet", 1, 12, patch_size=[8, 16, 16], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+                             kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], features=[4, 8, 16],
+                             deep_supervision=False).eval()
+    data = torch.randn(1, 16, 32, 32)
+    with torch.inference_mode():
+        half = sliding_window_predict(network, data, (8, 16, 16), 3, 12, mirror=False)
+        full = sliding_window_predict(network, data, (8, 16, 16), 3, 12, mirror=False, accumulator_dtype=FP32)
+        probabilities = sliding_window_predict(network, data[:, :8], (8, 16, 16), 3, 12, mirror=False, softmax=True)
+    assert half.dtype == torch.float16 and full.dtype == torch.float32 and half.shape == (12, 16, 32, 32)
+    # the accumulator holds a weighted mean, so the error is relative to the largest logit, not the overlap
+    scale = full.abs().max().item()
+    assert scale > 1.0 and (half.float() - full).abs().max().item() < 1e-3 * scale
+    agreement = (half.float().argmax(0) == full.argmax(0)).float().mean().item()
+    assert agreement > 0.999, agreement
+    assert (torch.softmax(half.float(), 0) - torch.softmax(full, 0)).abs().max().item() < 3e-3
+    # the softmax output (computed slab by slab in float32) stays float16 and sums to one
+    assert probabilities.dtype == torch.float16
+    torch.testing.assert_close(probabilities.float().sum(0), torch.ones(8, 32, 32), atol=5e-3, rtol=0)
