@@ -36,7 +36,13 @@ from autoseg.preprocessing.resampling import (
     resample_probabilities,
 )
 from autoseg.preprocessing.store import CaseProperties
-from autoseg.preprocessing.transpose import case_order, transpose_array, transpose_geometry, untranspose_array
+from autoseg.preprocessing.transpose import (
+    case_order,
+    is_identity,
+    transpose_array,
+    transpose_geometry,
+    untranspose_array,
+)
 
 # Placeholder spacing of the dummy Z axis of 2D images (the reference's natural-image reader uses 999 too):
 # far coarser than any in-plane spacing, so it is always "the" separate axis and never resampled.
@@ -277,7 +283,10 @@ def restore_segmentation_in_slabs(
         expected = (num_classes, *properties.geometry.shape)
         if tuple(probabilities.shape) != expected:
             raise ValueError(f"probabilities output has shape {tuple(probabilities.shape)}, expected {expected}")
-        probabilities = probabilities.reshape((num_classes, *full_shape))  # 2D images: the dummy Z (a view)
+        if is_identity(properties.transpose_forward):
+            probabilities = probabilities.reshape((num_classes, *full_shape))  # 2D images: the dummy Z (a view)
+        else:  # a view in the working (transposed) order: the slabs write through it into the raw layout
+            probabilities = transpose_array(probabilities, properties.transpose_forward)
         for rows in (slice(0, z_lo), slice(z_hi, full_shape[0])):  # whole rows outside the box
             probabilities[0, rows] = 1
             probabilities[1:, rows] = 0
@@ -304,6 +313,7 @@ def restore_segmentation_in_slabs(
         band[0] = 1
         band[:, :, y_lo:y_hi, x_lo:x_hi] = slab
         probabilities[:, rows] = band  # each value written once: memory maps stream to disk
+    segmentation = untranspose_array(segmentation, properties.transpose_forward)  # back to the input's axis order
     return segmentation.reshape(properties.geometry.shape)
 
 

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from autoseg.dataset.synthetic import SyntheticSpec, make_case
 from autoseg.io import Geometry
 from autoseg.preprocessing import preprocess_case, restore_probabilities, restore_segmentation
+from autoseg.preprocessing.case import restore_segmentation_in_slabs
 from autoseg.preprocessing.case import preprocess_label
 from autoseg.preprocessing.store import CaseProperties
 from autoseg.preprocessing.transpose import (
@@ -115,6 +116,15 @@ def test_coarse_last_case_preprocesses_like_coarse_first_and_restores_onto_its_g
     probabilities = restore_probabilities(one_hot, properties, configuration)
     assert probabilities.shape == (3, *raw_geometry.shape) and probabilities.flags.c_contiguous
     np.testing.assert_array_equal(probabilities.argmax(0), restored)
+
+    # the bounded-memory restore of `autoseg predict` lands on the same raw grid, probabilities included
+    log_probabilities = np.log(np.clip(one_hot * 0.98 + 0.01, 1e-6, None))
+    written = np.full((3, *raw_geometry.shape), np.nan, dtype=np.float32)
+    slabbed = restore_segmentation_in_slabs(log_probabilities, properties, configuration, written, slab_bytes=4096)
+    assert slabbed.shape == raw_geometry.shape
+    np.testing.assert_array_equal(slabbed, restored)
+    assert not np.isnan(written).any()
+    np.testing.assert_array_equal(written.argmax(0), restored)
 
 
 def test_properties_round_trip_and_old_properties_restore_untransposed():
