@@ -29,6 +29,7 @@ from autoseg.dataset.spec import DATASET_JSON, parse_dataset_spec
 from autoseg.errors import DatasetError
 from autoseg.fileio import write_json
 from autoseg.paths import dataset_folder_name, raw_root
+from autoseg.workers import pool_initializer
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ def _run(jobs: list[_CaseJob], num_workers: int) -> None:
             _convert_case(job)
         return
     context = multiprocessing.get_context("spawn")  # clean workers, safe when the caller runs threads
-    with context.Pool(min(num_workers, len(jobs))) as pool:
+    initializer, initargs = pool_initializer()  # workers die with this process, even on kill -9
+    with context.Pool(min(num_workers, len(jobs)), initializer=initializer, initargs=initargs) as pool:
         for _ in tqdm(pool.imap_unordered(_convert_case, jobs, chunksize=1), **progress):
             pass
 

@@ -47,6 +47,7 @@ from autoseg.dataset.spec import DATASET_JSON, DatasetSpec, load_dataset_spec
 from autoseg.errors import AutosegError, DatasetError
 from autoseg.io import Geometry, file_ending, read_channels, read_segmentation
 from autoseg.io.readers import ZERO_SPACING_MESSAGE
+from autoseg.workers import pool_initializer
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +501,8 @@ def _run_cases(tasks: list[_CaseTask], num_workers: int) -> list[_CaseResult]:
         return [_check_case(task) for task in tqdm(tasks, **progress)]
     # spawn: workers start clean, safe even when the caller has threads (torch, tqdm) running.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(num_workers, len(tasks))) as pool:
+    initializer, initargs = pool_initializer()  # workers die with this process, even on kill -9
+    with context.Pool(min(num_workers, len(tasks)), initializer=initializer, initargs=initargs) as pool:
         return list(tqdm(pool.imap(_check_case, tasks, chunksize=1), **progress))
 
 

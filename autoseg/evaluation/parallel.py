@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from autoseg.workers import pool_initializer
+
 
 def start_method() -> str:
     """``"fork"`` when safe (POSIX, torch not imported), else ``"spawn"``."""
@@ -32,7 +34,10 @@ def map_with_progress(
         if num_workers > 1 and len(jobs) > 1:
             context = multiprocessing.get_context(start_method())
             workers = min(num_workers, len(jobs))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            initializer, initargs = pool_initializer()  # workers die with this process, even on kill -9
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=initializer, initargs=initargs
+            ) as pool:
                 # small chunks keep the bar moving and the load balanced; big ones cut IPC for many tiny cases
                 for result in pool.map(function, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
                     bar.update()
