@@ -33,6 +33,7 @@ import SimpleITK as sitk
 from autoseg.errors import ConfigurationError, ImageReadError
 from autoseg.fileio import atomic_path
 from autoseg.io.geometry import Geometry
+from autoseg.io.readers import file_ending
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pydicom
@@ -200,7 +201,8 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         slices = []
         for name in sorted(names):
             path = here / name
-            if name.startswith(".") or not is_dicom_file(path):
+            # image files (NIfTI, PNG, ...) are other cases' business: no need to open them
+            if name.startswith(".") or file_ending(path) is not None or not is_dicom_file(path):
                 continue
             try:
                 item = _read_slice(path, _DISCOVERY_TAGS + ["PixelSpacing", "NumberOfFrames"])
@@ -429,23 +431,39 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     target = Path(path)
-    ordered, series_geometry = read_dicom_geometry(source_files)
-    where = ordered[0].parent
+    # headers are read once: for the geometry check and as the source datasets highdicom references
+    paths = [Path(f) for f in source_files]
+    where = paths[0].parent if paths else Path(".")
+    headers = {}
+    for source in paths:
+        try:
+            headers[source] = pydicom.dcmread(source, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise ImageReadError(f"{source}: DICOM header cannot be read ({exc}); the file is corrupt") from exc
+    slices = [_slice_of(source, dataset) for source, dataset in headers.items()]
+    if any(item is None for item in slices):
+        raise ImageReadError(f"{where}: a file of the series is not an image slice; a DICOM-SEG references slices")
+    ordered, series_geometry = _series_geometry(slices, where)  # type: ignore[arg-type]
     values = np.asarray(segmentation)
     if tuple(values.shape) != tuple(series_geometry.shape) or geometry.mismatch(series_geometry):
         problems = geometry.mismatch(series_geometry) or [f"shape {values.shape} vs {series_geometry.shape}"]
         raise ValueError(f"segmentation does not lie on the grid of the series in {where}: {'; '.join(problems)}")
     segments = _segment_numbers(labels)
     known = {value for _, value, _ in segments} | {0}
-    present = set(np.unique(values).tolist())
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"a label map must hold integers, found {values.dtype}")
+    if np.issubdtype(values.dtype, np.unsignedinteger):
+        present = set(np.flatnonzero(np.bincount(values.ravel())).tolist())  # one pass, no sort of the volume
+    else:
+        present = set(np.unique(values).tolist())
     if not present <= known:
         raise ValueError(f"label values {sorted(present - known)} are not in the label names {dict(labels)}")
     lookup = np.zeros(max(known) + 1, dtype=np.uint16 if len(segments) > 255 else np.uint8)
     for number, value, _ in segments:
         lookup[value] = number
-    numbered = lookup[values.astype(np.int64)]
+    numbered = lookup[values]  # indexing with the label dtype itself: no int64 copy of the volume
 
-    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in ordered]
+    datasets = [headers[item.path] for item in ordered]
     _complete_uids(datasets, pydicom, where)
     if software_version is None:
         from autoseg import __version__ as software_version

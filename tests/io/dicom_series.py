@@ -41,6 +41,7 @@ def write_series(
     frame_of_reference_uid: str | None = None,
     skip_slices: Sequence[int] = (),
     prefix: str = "slice",
+    tilt_mm_per_slice: float = 0.0,
 ) -> tuple[list[Path], Geometry]:
     """Write ``stored`` ``[Z, Y, X]`` (uint16 stored values) as one series; returns the files in Z order and
     the geometry the series describes.
@@ -62,7 +63,8 @@ def write_series(
     slices, rows, columns = stored.shape
     files = []
     for index in range(slices):
-        position = np.asarray(origin, dtype=float) + index * slice_spacing * normal
+        # a gantry tilt shifts each slice along the column direction as well as along the normal
+        position = np.asarray(origin, dtype=float) + index * (slice_spacing * normal + tilt_mm_per_slice * column)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
         meta.MediaStorageSOPInstanceUID = generate_uid()

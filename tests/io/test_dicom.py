@@ -91,6 +91,17 @@ def test_missing_slice_mixed_orientation_and_duplicates_are_errors(tmp_path: Pat
         read_dicom_series([*files, again[0]])
 
 
+def test_gantry_tilt_is_reported_and_the_spacing_is_along_the_normal(tmp_path: Path, caplog) -> None:
+    files, _ = write_series(tmp_path / "tilt", _stored(), slice_spacing=2.5, tilt_mm_per_slice=0.8)
+    _, geometry = read_dicom_series(files)
+    assert geometry.spacing[0] == pytest.approx(2.5)
+    assert "not perpendicular to the slices (gantry tilt?)" in caplog.text
+    caplog.clear()
+    straight, _ = write_series(tmp_path / "straight", _stored())
+    read_dicom_series(straight)
+    assert "gantry tilt" not in caplog.text
+
+
 def test_single_slice_uses_the_header_spacing(tmp_path: Path) -> None:
     files, _ = write_series(tmp_path / "one", _stored((1, 4, 4)), slice_spacing=3.0)
     _, geometry = read_dicom_series(files)
