@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,9 +34,6 @@ from autoseg.errors import ConfigurationError, ImageReadError
 from autoseg.fileio import atomic_path
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import file_ending
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import pydicom
 
 log = logging.getLogger(__name__)
 

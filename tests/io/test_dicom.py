@@ -6,6 +6,7 @@ the unit), and the real CT series of ../shared/datasets/DICOM_CT_example with it
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ pydicom = pytest.importorskip("pydicom")
 highdicom = pytest.importorskip("highdicom")
 sitk = pytest.importorskip("SimpleITK")
 
-from autoseg.errors import ImageReadError  # noqa: E402
+from autoseg.errors import ConfigurationError, ImageReadError  # noqa: E402
 from autoseg.io import (  # noqa: E402
     Geometry,
     find_dicom_series,
@@ -129,6 +130,16 @@ def test_discovery_names_series_by_folder_or_description(tmp_path: Path) -> None
     (only,) = find_dicom_series(tmp_path / "root" / "patient_a")
     assert only.name == "patient_a" and len(only.files) == 3
     assert find_dicom_series(tmp_path / "root" / "patient_b" / "nothing") == []
+
+
+def test_without_the_dicom_extra_the_error_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files, geometry = write_series(tmp_path / "s", _stored((2, 3, 3)))
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # None in sys.modules: the import fails
+    with pytest.raises(ConfigurationError, match=r"highdicom, which is not installed.*pip install autoseg\[dicom\]"):
+        write_dicom_seg(np.zeros(geometry.shape, np.uint8), geometry, files, {"background": 0}, tmp_path / "x.dcm")
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with pytest.raises(ConfigurationError, match=r"pydicom, which is not installed.*pip install autoseg\[dicom\]"):
+        find_dicom_series(tmp_path / "s")
 
 
 def test_dicom_seg_of_synthetic_series_references_it(tmp_path: Path) -> None:
