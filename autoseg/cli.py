@@ -133,6 +133,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         mixed_precision=not args.fp32,
         part=args.part,
         parts=args.parts,
+        output_format=args.output_format,
     )
     print(report.format())
     return 0 if report.ok else 1
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip the final validation prediction")
 
     p = command("predict", _cmd_predict, "segment new images with trained folds",
-                "Predict every case in INPUT (a folder of <case>_0000<ending> files, or one single-channel file) "
+                "Predict every case in INPUT (a folder of <case>_0000<ending> files, a folder of DICOM series, or one "
+                "single-channel file) "
                 "with a sliding window, mirroring and the fold ensemble; segmentations keep the input's geometry "
                 "and format. Postprocessing chosen by find-best is applied when present.")
     p.add_argument("-i", "--input", required=True, help="input folder or file")
@@ -294,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirror", action="store_true", help="disable test-time mirroring (8x faster in 3D)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz softmax probabilities")
+    p.add_argument("--output-format", choices=("nifti", "dicom-seg"), default="nifti",
+                   help="nifti: <case> in the input's file format (.nii.gz for DICOM series); dicom-seg: <case>.dcm, "
+                   "a DICOM Segmentation referencing the input DICOM series (needs autoseg[dicom])")
     p.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file name in each fold")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore postprocessing.json")
     p.add_argument("--fp32", action="store_true", help="full precision (default: AMP on CUDA, bf16 autocast on "

@@ -29,23 +29,33 @@ from autoseg.errors import AutosegError, ConfigurationError, ImageReadError, Pre
 from autoseg.inference.outputs import probabilities_file
 from autoseg.inference.predictor import DEFAULT_CHECKPOINT, Predictor
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_segmentation
+from autoseg.io.dicom import (
+    DICOM_SEG_ENDING, find_dicom_series, is_dicom_file, read_dicom_series, require_dicom_seg_writer,
+    write_dicom_seg,
+)
 
 log = logging.getLogger(__name__)
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _LOOKS_LIKE_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.[^/]+$")
 POSTPROCESSING_FILE = "postprocessing.json"
+# "nifti": a label image with the input's file ending (NIfTI for DICOM series); "dicom-seg": a DICOM
+# Segmentation referencing the input series (DICOM input only)
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+DICOM_OUTPUT_ENDING = ".nii.gz"  # segmentations of DICOM series, unless --output-format dicom-seg
 
 
 @dataclass
 class InputCase:
     """One case to predict: its files in channel order and the ending its segmentation will have.
-    ``problem`` is set when the case cannot be predicted (reported, not raised)."""
+    ``problem`` is set when the case cannot be predicted (reported, not raised). ``dicom``: ``files`` are
+    the slices of one DICOM series (one channel), kept so that a DICOM-SEG can reference them."""
 
     case_id: str
     files: tuple[Path, ...]
     ending: str
     problem: str | None = None
+    dicom: bool = False
 
 
 @dataclass
@@ -65,12 +75,16 @@ class PredictReport:
 
 # ---------------------------------------------------------------------------------------- input cases
 def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
-    """Cases in a folder of ``<case>_<CCCC><ending>`` files, or the one case of a single file.
+    """Cases in a folder of ``<case>_<CCCC><ending>`` files, or the one case of a single file; DICOM series
+    in the folder or its subfolders are cases too (:func:`autoseg.io.find_dicom_series` names them).
 
     Files named like channel files but with an ending autoseg cannot read, and cases with gaps in their
     channel numbers, become cases with a ``problem``. Other files (dataset.json, notes) are ignored.
     """
     path = Path(input_path)
+    if path.is_file() and is_dicom_file(path):
+        return [InputCase(path.name, (path,), DICOM_OUTPUT_ENDING, f"{path}: a single DICOM file; pass the folder "
+                          "holding its whole series (or a folder of series folders)", dicom=True)]
     if path.is_file():
         ending = file_ending(path)
         if ending is None:
@@ -117,12 +131,19 @@ def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
             found = ", ".join(f"_{c:04d}" for c in sorted(channels))
             problem = (f"{files[0]}: channel files must be numbered _0000, _0001, ... without gaps; found {found}")
         cases.append(InputCase(case_id, files, case_endings[0] if case_endings else "", problem))
+    taken = {case.case_id for case in cases}
+    for series in find_dicom_series(path):
+        clash = None
+        if series.name in taken:
+            clash = f"{series.folder}: case id {series.name} is also the name of another case in {path}; rename one"
+        taken.add(series.name)
+        cases.append(InputCase(series.name, series.files, DICOM_OUTPUT_ENDING, clash, dicom=True))
     if not cases:
         raise PredictionError(
-            f"{path}: no images named <case>_0000<ending> found (endings: {', '.join(SUPPORTED_ENDINGS)}); "
-            "name the files like the raw imagesTs/ folder"
+            f"{path}: no images named <case>_0000<ending> (endings: {', '.join(SUPPORTED_ENDINGS)}) and no DICOM "
+            "series found; name the files like the raw imagesTs/ folder, or pass a folder of DICOM series"
         )
-    return cases
+    return sorted(cases, key=lambda case: case.case_id)
 
 
 # ----------------------------------------------------------------------------------------- postprocessing
@@ -163,7 +184,7 @@ def _load(predictor: Predictor, case: InputCase) -> _Loaded:
     start = time.perf_counter()
     if case.problem:
         raise ImageReadError(case.problem)
-    image, geometry = read_image(case.files)
+    image, geometry = read_dicom_series(case.files) if case.dicom else read_image(case.files)
     predictor.check_image(image, geometry, name=str(case.files[0]))
     data, properties = predictor.preprocess(image, geometry, case_id=case.case_id)
     return _Loaded(case, geometry, data, properties, time.perf_counter() - start)
@@ -176,6 +197,7 @@ def _export(
     output: Path,
     save_probabilities: bool,
     rules: Any | None,
+    output_format: str = "nifti",
 ) -> tuple[Path, float]:
     """Restore to the original grid slab by slab and write (runs in a worker thread). With
     ``save_probabilities`` the softmax goes, slab by slab too, into a float16 file-backed array that becomes
@@ -195,8 +217,12 @@ def _export(
         )
     if rules is not None:
         segmentation = _apply_postprocessing(segmentation, rules)
-    target = output / f"{case.case_id}{case.ending}"
-    write_segmentation(segmentation, geometry, target)
+    if output_format == "dicom-seg":
+        target = output / f"{case.case_id}{DICOM_SEG_ENDING}"
+        write_dicom_seg(segmentation, geometry, case.files, predictor.plans.labels, target)
+    else:
+        target = output / f"{case.case_id}{case.ending}"
+        write_segmentation(segmentation, geometry, target)
     return target, time.perf_counter() - start
 
 
@@ -204,6 +230,20 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, AutosegError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _dicom_seg_cases(cases: list[InputCase], input: str | os.PathLike) -> list[InputCase]:
+    """Check, before the model is loaded, that a DICOM-SEG can be written: highdicom is installed and the
+    input holds DICOM series. Cases that are image files get a ``problem`` (a SEG must reference a series)."""
+    require_dicom_seg_writer()
+    if not any(case.dicom for case in cases):
+        raise ConfigurationError(f"{input}: --output-format dicom-seg needs DICOM series as input, found only image "
+                                 "files; use --output-format nifti")
+    for case in cases:
+        if not case.dicom and case.problem is None:
+            case.problem = (f"{case.files[0]}: not a DICOM series, so there is no series for a DICOM-SEG to "
+                            "reference; predict it with --output-format nifti")
+    return cases
 
 
 def select_part(cases: Sequence[InputCase], part: int, parts: int) -> list[InputCase]:
@@ -260,12 +300,14 @@ def predict(
     mixed_precision: bool = True,
     part: int = 0,
     parts: int = 1,
+    output_format: str = "nifti",
 ) -> PredictReport:
     """Predict every case of ``input`` into ``output`` (docs/prediction.md).
 
     ``folds=None`` uses every trained fold. ``predictor``: an already loaded model (then ``dataset``,
     ``configuration``, ``folds``, ``architecture``, ``checkpoint``, ``device``, ``step_size`` and ``mirror``
     are taken from it). ``part``/``parts``: predict only this job's share of the cases (:func:`select_part`).
+    ``output_format``: one of :data:`OUTPUT_FORMATS` (:func:`_dicom_seg_cases` for "dicom-seg").
     Returns a report; ``ok`` is False when any case failed.
 
     Concurrency: the calling thread runs the network, case after case. ``num_workers`` reader threads read
@@ -276,6 +318,10 @@ def predict(
     cancelled and only the cases already running finish.
     """
     cases = select_part(find_input_cases(input), int(part), int(parts))
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigurationError(f"--output-format {output_format}: unknown; use one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "dicom-seg":
+        cases = _dicom_seg_cases(cases, input)
     output = check_output_folder(output)
     if predictor is None:
         if folds is not None:
@@ -355,7 +401,8 @@ def predict(
                 if len(pending_writes) >= workers:
                     pending_writes[0][1].exception()  # waits for the oldest write without raising
             pending_writes.append((case, writers.submit(
-                _export, predictor, loaded, log_probabilities, output, save_probabilities, rules), network_seconds))
+                _export, predictor, loaded, log_probabilities, output, save_probabilities, rules, output_format),
+                network_seconds))
             del log_probabilities, loaded
             collect_write(block=False)
             progress.update(1)
