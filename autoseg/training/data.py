@@ -1,7 +1,8 @@
 """Random training patches from the preprocessed store.
 
-The store keeps every case as a ``.npy`` ``[C, Z, Y, X]`` (2D images: Z = 1) that we memory-map, so a patch
-reads only its own region from disk. Rules of the nnU-Net method (shared/reference/nnunet.md):
+The store keeps every case as a ``[C, Z, Y, X]`` array (2D images: Z = 1), a blosc2 ``.b2nd`` or a ``.npy``
+(``autoseg.preprocessing.store``), opened lazily so that a patch reads (and for b2nd decompresses) only its
+own region. Rules of the nnU-Net method (shared/reference/nnunet.md):
 
 - 33 % of each batch is *foreground-oversampled*: the patch is centred on a stored location
   (``CaseProperties.class_locations``) of a randomly chosen class present in the case. The last
@@ -22,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.preprocessing.store import CaseProperties, image_path, label_path, load_properties
+from autoseg.errors import PreprocessingError
+from autoseg.preprocessing.store import CaseProperties, array_file, load_properties, open_array
 from autoseg.training.cascade import load_previous_stage
 
 log = logging.getLogger(__name__)
@@ -148,18 +150,25 @@ class PatchSampler:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_arrays"], state["_previous"] = {}, {}  # memory maps are reopened in each worker
+        state["_arrays"], state["_previous"] = {}, {}  # open arrays are reopened in each worker
         return state
 
     def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The case's image and label, opened lazily (memory map or blosc2 NDArray; both slice like numpy).
+        One blosc2 thread per reader: a patch is a few MB, and the loader runs one sampler per worker process,
+        so more threads would only make the workers fight over the same cores."""
         if case_id not in self._arrays:
-            data = np.load(image_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
-            seg = np.load(label_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
-            self._arrays[case_id] = (data, seg)
+            files = array_file(self.folder, case_id), array_file(self.folder, f"{case_id}_seg")
+            if None in files:
+                raise PreprocessingError(
+                    f"{self.folder / case_id}: image or label array (.b2nd or .npy) missing; "
+                    "re-run `autoseg preprocess`, which redoes incomplete cases"
+                )
+            self._arrays[case_id] = (open_array(files[0], nthreads=1), open_array(files[1], nthreads=1))
         return self._arrays[case_id]
 
     def previous(self, case_id: str) -> np.ndarray:
-        """The cascade's previous-stage segmentation ``[1, Z, Y, X]`` of a case (memory-mapped)."""
+        """The cascade's previous-stage segmentation ``[1, Z, Y, X]`` of a case (opened lazily)."""
         if case_id not in self._previous:
             assert self.previous_stage is not None
             self._previous[case_id] = load_previous_stage(self.previous_stage, case_id, mmap=True)
@@ -216,7 +225,7 @@ class PatchSampler:
         return (*out, case.case_id)
 
     def _read(self, data, seg, z, spatial_shape, start, image: np.ndarray, label: np.ndarray) -> None:
-        """Copy the part of the patch inside the image from the memory map into the zero-filled ``image`` and
+        """Copy the part of the patch inside the image from the stored arrays into the zero-filled ``image`` and
         ``label``; the rest stays 0. Small images are mostly padding (a 42x55x44 case in a 78x86x82 sample), so
         writing into the batch array directly instead of np.pad + np.stack saves two copies per sample.
         ``seg`` is the label map, or ``(label map, previous-stage map)`` for a cascade."""

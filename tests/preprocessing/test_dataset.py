@@ -57,10 +57,10 @@ def test_rerun_skips_complete_cases_and_redoes_a_truncated_one(tmp_path) -> None
     _, _, folder = _setup(tmp_path)
     assert preprocess_dataset(DATASET, root=tmp_path, num_workers=1).ok
     before = _file_bytes(folder)
-    victim = folder / "case_001.npy"
+    victim = folder / "case_001.b2nd"  # the default array format
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a half-written array
     assert not is_complete(folder, "case_001")
-    untouched = folder / "case_003.npy"
+    untouched = folder / "case_003.b2nd"
     stamp = untouched.stat().st_mtime_ns
 
     report = preprocess_dataset(DATASET, configurations=["3d_fullres"], root=tmp_path, num_workers=1)
