@@ -13,7 +13,8 @@ Two array formats, chosen per file by the suffix found on disk, so a store writt
   from the configuration's patch size (:func:`blosc2_chunking`), opened lazily (memory-mapped where the OS
   allows) so a patch read decompresses only the blocks it touches. The numbers behind the choice are in
   docs/benchmarks.md ("Preprocessed storage").
-- ``npy``: uncompressed, memory-mapped; the fastest patch reads and about 2.5x the disk (same page).
+- ``npy``: uncompressed, memory-mapped; about 2.3x the disk of b2nd and, measured, no faster to read
+  (same page): a patch of a memory map faults in every page it touches, b2nd decompresses a few blocks.
 
 Stored arrays are always 4D: 2D images get a leading Z axis of size 1, so one loader serves every
 configuration (2D configurations sample single slices). Each array is written to a temporary name in the
@@ -96,24 +97,28 @@ def properties_text(properties: CaseProperties) -> str:
 ARRAY_FORMATS = ("b2nd", "npy")  # also the order in which open_array looks for a file
 DEFAULT_ARRAY_FORMAT = "b2nd"
 
-# blosc2 settings of the b2nd format, chosen by benchmarks/bench_storage.py (docs/benchmarks.md,
-# "Preprocessed storage"): LZ4 at level 5 with byte shuffle decompresses about 1.6x faster than ZSTD level 1 at
-# a few percent more disk, and the loader reads every patch afresh, so decompression speed wins.
+# blosc2 settings of the b2nd format, chosen from benchmarks/bench_storage.py (docs/benchmarks.md, "Preprocessed
+# storage": 4 CT-like cases of 400x512x512, 128^3 patches): LZ4 level 5 read patches 1.9x faster than ZSTD
+# level 1 (44 vs 23 per second with the page cache warm, 21 vs 15 cold) for 17 % more disk (231 vs 198 MB a
+# case; npy: 524 MB). The loader decompresses every patch afresh, so read speed wins over the last MB.
 BLOSC2_CODEC = "LZ4"
 BLOSC2_CLEVEL = 5
 # shuffle groups the bytes of each float by significance, so the sign/exponent bytes (almost constant in a
 # z-scored image) compress to nearly nothing while the noisy mantissa bytes are left alone
 BLOSC2_FILTER = "SHUFFLE"
-# Blocks are what blosc2 decompresses one at a time; a patch read decompresses every block it touches, so a
-# block edge b costs up to (patch + b) / patch extra work per axis. An edge of about a quarter of the patch
-# keeps that waste near 25 % per axis; 64 KiB keeps a block (plus its output) in a core's L2 cache and is
-# still long enough for the codec to find repeats (ratios barely change above ~32 KiB).
+# Blocks are what blosc2 decompresses one at a time: a patch read decompresses every block it touches (a block
+# edge b adds up to b voxels of wasted work per axis) and nothing else of the chunk. Measured on the benchmark's
+# CT-like float32 data (LZ4-5, 64^3 chunks): blocks of 8 to 128 KiB compress alike (0.552-0.556 of the raw
+# bytes) and 16^3 voxels (16 KiB) read patches fastest in two trials (96^3: 241 vs 171 per second against
+# 64 KiB blocks; 128^3: 90 vs 80, within the noise of the loaded machine). Hence: a quarter of the patch per
+# axis as a power of two, halved along the longest axis down to 16 KiB.
 BLOCK_FRACTION_OF_PATCH = 0.25
-MAX_BLOCK_BYTES = 64 * 1024
-MIN_BLOCK_EDGE = 16  # smaller blocks compress noticeably worse and cost more per-block overhead
-# Chunks are blosc2's unit of file index and of I/O; inside a chunk, only the touched blocks are decompressed.
-# About half the patch per axis: a random patch then touches 2-3 chunks per axis and reads little besides
-# itself from disk, while the number of chunks (index size, per-chunk overhead) stays small.
+MAX_BLOCK_BYTES = 16 * 1024
+MIN_BLOCK_EDGE = 16  # where the patch allows: shorter runs only add per-block overhead
+# Chunks are blosc2's unit of file index and of disk reads. About half the patch per axis: a random patch
+# then touches 2-3 chunks per axis and reads little besides itself from disk, while the number of chunks
+# (index size, per-chunk overhead) stays small. Measured: 44 vs 38 patches/s (warm) and 21 vs 19 (cold)
+# against patch-sized chunks.
 CHUNK_FRACTION_OF_PATCH = 0.5
 
 StoredArray = Union[np.ndarray, "blosc2.NDArray"]  # noqa: F821 - blosc2 is imported where it is used
@@ -134,7 +139,7 @@ def blosc2_chunking(
     the patch allows), halving the longest block axis until a block holds at most ``MAX_BLOCK_BYTES``.
     Chunks: about half the patch per axis, rounded to whole blocks. Both are capped by the image (a chunk
     longer than the image only adds padding). For 2D patches Z is 1 in both. Example: a 128^3 float32
-    patch gives blocks [1, 16, 32, 32] (64 KiB) and chunks [1, 64, 64, 64]; see the constants for why.
+    patch gives blocks [1, 16, 16, 16] (16 KiB) and chunks [1, 64, 64, 64]; see the constants for why.
     """
     if len(shape) != 4:
         raise ValueError(f"stored arrays are [C, Z, Y, X]; got shape {tuple(shape)}")
