@@ -7,8 +7,10 @@ and an int8 label [1, Z, Y, X] with ``--classes`` organs):
 - disk: bytes of the image file + label file per case (mean over cases);
 - write: seconds to write one case's two files (median over cases; the order of the formats rotates from
   case to case so no format always writes into a busier page cache);
-- patches/s: reading one ``--patch`` of image and label at a random position into a preallocated batch slot,
-  as ``autoseg.training.data.PatchSampler`` does (one blosc2 thread per reader, like a loader worker);
+- samples/s: reading one sample of image and label at a random position into a preallocated batch slot, as
+  ``autoseg.training.data.PatchSampler`` does (one blosc2 thread per reader, like a loader worker). The sample
+  is what the sampler reads for the network patch ``--patch``: enlarged so that rotation and scaling find
+  no padding (``autoseg.training.augmentation.sample_size_for``; 206^3 for a 128^3 patch);
   ``--reads`` patches per round, the same positions for every format in a round, formats alternating in
   rotating order round after round, median over ``--repeats`` rounds. "warm": files in the page cache (a
   dataset that fits in RAM); "cold": each file is evicted from the page cache before the round
@@ -32,7 +34,7 @@ Formats:
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_storage.py                                  # 4 cases of 400x512x512
+    python benchmarks/bench_storage.py                                  # 4 cases of 400x512x512, ~5 min
     python benchmarks/bench_storage.py --shape 160 320 320 --cases 3    # a few minutes on 2 busy cores
     python benchmarks/bench_storage.py --out bench_out/storage.md
 
@@ -193,12 +195,19 @@ def build_formats(patch: Sequence[int]) -> list[Format]:
         store.save_array(folder, case, image, "npy")
         store.save_array(folder, f"{case}_seg", label, "npy")
 
-    def variant(codec, clevel, chunk_fraction):
+    def variant(codec, clevel, chunk_fraction, block_bytes=None):
+        """Our rule with one thing changed: codec, chunk fraction of the patch, or block size cap."""
         def write(folder, case, image, label):
             cparams = blosc2.CParams(codec=codec, clevel=clevel, filters=[blosc2.Filter.SHUFFLE])
             for stem, array in ((case, image), (f"{case}_seg", label)):
                 chunks, blocks = store.blosc2_chunking(array.shape, patch, array.itemsize)
-                if chunk_fraction != store.CHUNK_FRACTION_OF_PATCH:
+                if block_bytes is not None:
+                    blocks = [1, *[b * 2 for b in blocks[1:]]]
+                    while math.prod(blocks) * array.itemsize > block_bytes:
+                        axis = max(range(1, 4), key=lambda a: (blocks[a], -a))
+                        blocks[axis] //= 2
+                    blocks = tuple(min(b, s) for b, s in zip(blocks, array.shape))
+                if chunk_fraction != store.CHUNK_FRACTION_OF_PATCH or block_bytes is not None:
                     chunks = (1, *[min(s, b * max(1, round(p * chunk_fraction / b)))
                                    for p, b, s in zip(patch, blocks[1:], array.shape[1:])])
                 _write_b2nd(folder / f"{stem}.b2nd", array, chunks, blocks, cparams)
@@ -218,6 +227,7 @@ def build_formats(patch: Sequence[int]) -> list[Format]:
         Format(ours_name, "b2nd", ours),
         Format("b2nd ZSTD-1, chunks 0.5 patch", "b2nd", variant(blosc2.Codec.ZSTD, 1, 0.5)),
         Format("b2nd LZ4-5, chunks 1 patch", "b2nd", variant(blosc2.Codec.LZ4, 5, 1.0)),
+        Format("b2nd LZ4-5, chunks 0.5 patch, blocks 64 KiB", "b2nd", variant(blosc2.Codec.LZ4, 5, 0.5, 64 * 1024)),
         Format("nnU-Net 2.8.1 layout (emulated)", "b2nd", nnunet),
     ]
 
@@ -255,15 +265,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[400, 512, 512], help="Z Y X of each case")
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--classes", type=int, default=20, help="label classes per case")
-    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128], help="patch read, Z Y X")
-    parser.add_argument("--reads", type=int, default=20, help="patches per round")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds per format (median)")
+    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128],
+                        help="network patch, Z Y X: shapes the chunks; reads are of its enlarged sample")
+    parser.add_argument("--reads", type=int, default=10, help="samples read per round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per format (median)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the files (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the written files")
     parser.add_argument("--nnunet-venv", type=Path, default=None, help="check the emulated layout against nnU-Net")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (+ .json beside it)")
     args = parser.parse_args(argv)
-    shape, patch = tuple(args.shape), tuple(min(p, s) for p, s in zip(args.patch, args.shape))
+    from autoseg.training.augmentation import augmentation_settings, sample_size_for
+
+    shape, patch = tuple(args.shape), tuple(args.patch)
+    sample = tuple(min(p, s) for p, s in zip(sample_size_for(patch, augmentation_settings(patch)), shape))
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_storage_"))
     formats = build_formats(patch)
@@ -291,13 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reads = {mode: {f.name: [] for f in formats} for mode in ("warm", "cold")}
     for mode in ("warm", "cold"):
         for round_index in range(args.repeats):
-            positions = [(int(rng.integers(len(cases))), [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch)])
+            positions = [(int(rng.integers(len(cases))), [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, sample)])
                          for _ in range(args.reads)]
             for k in range(len(formats)):
                 fmt = formats[(round_index + k) % len(formats)]
                 if mode == "cold":
                     _evict(sorted(folders[fmt.name].glob(f"*.{fmt.suffix}")))
-                seconds = read_round(folders[fmt.name], fmt.suffix, cases, positions, patch)
+                seconds = read_round(folders[fmt.name], fmt.suffix, cases, positions, sample)
                 reads[mode][fmt.name].append(args.reads / seconds)
         print(f"[{time.perf_counter() - began:.0f} s] {mode} reads done", file=sys.stderr)
 
@@ -321,15 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{row['write_s_per_case']:.2f}", f"{warm:.1f}", f"{row['warm_vs_npy']:.2f}",
                      f"{row['warm_vs_nnunet']:.2f}", f"{cold:.1f}", f"{row['cold_vs_nnunet']:.2f}"])
     table = markdown_table(
-        ["format", "disk MB/case", "disk vs npy", "disk vs nnU-Net", "write s/case", "warm patches/s",
-         "warm vs npy", "warm vs nnU-Net", "cold patches/s", "cold vs nnU-Net"], rows)
+        ["format", "disk MB/case", "disk vs npy", "disk vs nnU-Net", "write s/case", "warm samples/s",
+         "warm vs npy", "warm vs nnU-Net", "cold samples/s", "cold vs nnU-Net"], rows)
     chunks, blocks = store.blosc2_chunking((1, *shape), patch, 4)
     nn_blocks, nn_chunks = nnunet_blosc2_layout((1, *shape), patch, 4)
     caption = (f"{args.cases} synthetic CT-like cases of {shape[0]}x{shape[1]}x{shape[2]} (float32 image + int8 "
-               f"label, {args.classes} classes; nnU-Net's layout stores the label as int16 as it does), patch "
-               f"{'x'.join(map(str, patch))} image + label, {args.reads} reads per round, median of {args.repeats} "
+               f"label, {args.classes} classes; nnU-Net's layout stores the label as int16 as it does), network "
+               f"patch {'x'.join(map(str, patch))} (chunking), reads of its enlarged sample "
+               f"{'x'.join(map(str, sample))} image + label, {args.reads} per round, median of {args.repeats} "
                f"rounds, formats alternating. Image chunks/blocks: ours {chunks[1:]}/{blocks[1:]}, nnU-Net "
-               f"{nn_chunks[1:]}/{nn_blocks[1:]}. Total {time.perf_counter() - began:.0f} s.")
+               f"{nn_chunks[1:]}/{nn_blocks[1:]}. Writes of npy and ours go through store.save_array (fsync, "
+               f"reopen check, rename), the others are plain blosc2 writes. Total {time.perf_counter() - began:.0f} s.")
     if check is not None:
         caption += f" nnU-Net's own comp_blosc2_params (blocks, chunks): {check['theirs']}; emulated: {check['emulated']}."
     text = caption + "\n\n" + table + "\n"
@@ -338,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(
-            {"rows": record, "writes": writes, "reads": reads, "shape": shape, "patch": patch, "cases": args.cases,
+            {"rows": record, "writes": writes, "reads": reads, "shape": shape, "patch": patch, "sample": sample,
+             "cases": args.cases,
              "machine": machine_description(), "nnunet_check": check}, indent=2, default=str) + "\n")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

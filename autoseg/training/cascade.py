@@ -8,8 +8,9 @@ holds the case (the same splits.json serves both stages). At prediction time the
 the new image first (``Predictor.from_folder``), so both paths feed the network the same kind of input.
 
 The converted maps live in ``preprocessed/<dataset>/<data_identifier>__from_<previous>__<arch>/<case>.b2nd``
-(int8 ``[1, Z, Y, X]``, the store's array format; ``.npy`` from earlier runs is still read), written atomically and redone when the prediction they came from is newer, so
-retraining a low-resolution fold never leaves stale cascade inputs behind.
+(int8 ``[1, Z, Y, X]`` in the store's array format; ``.npy`` from earlier runs is still read), written
+atomically and redone when the prediction they came from is newer, so retraining a low-resolution fold never
+leaves stale cascade inputs behind.
 """
 from __future__ import annotations
 

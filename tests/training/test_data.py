@@ -271,3 +271,16 @@ def test_both_store_formats_give_identical_batches(tiny3d, tmp_path, dims):
         assert np.array_equal(b2nd_batch["data"].numpy(), npy_batch["data"].numpy())
         assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(b2nd_batch["target"], npy_batch["target"]))
         assert b2nd_batch["data"].abs().sum() > 0
+
+
+def test_sampler_keeps_a_bounded_number_of_cases_open(tiny3d, monkeypatch):
+    import autoseg.training.data as data_module
+
+    monkeypatch.setattr(data_module, "OPEN_CASES", 2)
+    folder = tiny3d / "preprocessed" / DATASET / "3d_fullres"
+    sampler = PatchSampler(folder, ["case_000", "case_001", "case_002"], (8, 16, 16), 2, 3)
+    for case_id in ["case_000", "case_001", "case_000", "case_002"]:
+        sampler.arrays(case_id)
+    assert list(sampler._arrays) == ["case_000", "case_002"]  # case_001 was the least recently used
+    batch = sampler.sample_batch(np.random.default_rng(0), 6)
+    assert len(sampler._arrays) == 2 and batch["data"].shape == (6, 1, 8, 16, 16)
