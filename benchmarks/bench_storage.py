@@ -15,6 +15,9 @@ and an int8 label [1, Z, Y, X] with ``--classes`` organs):
   rotating order round after round, median over ``--repeats`` rounds. "warm": files in the page cache (a
   dataset that fits in RAM); "cold": each file is evicted from the page cache before the round
   (``posix_fadvise(DONTNEED)``, this benchmark's own files only), so reads come from the disk.
+- for scale, what a loader worker does with each batch besides reading: the median seconds of augmenting
+  one batch of 2 such samples with the training transforms (one torch thread, as in a worker), over
+  ``--augment-batches`` batches. Reads are a bottleneck only if they take a good part of that.
 
 Formats:
 
@@ -259,6 +262,31 @@ def read_round(folder: Path, suffix: str, cases: Sequence[str], positions, patch
     return time.perf_counter() - start_time
 
 
+def time_augmentation(patch: Sequence[int], sample: Sequence[int], batches: int) -> float:
+    """Median seconds to augment one batch of 2 samples (``[2, 1, *sample]`` image and label, random
+    content) with the training transforms of ``patch``, one torch thread, fixed seeds."""
+    import random
+
+    import torch
+
+    from autoseg.training.augmentation import augmentation_settings, training_transforms
+
+    torch.set_num_threads(1)
+    np.random.seed(0)
+    random.seed(0)
+    transforms = training_transforms(tuple(patch), augmentation_settings(tuple(patch)),
+                                     [(1.0,) * len(patch), (0.5,) * len(patch)])
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((2, 1, *sample)).astype(np.float32)
+    label = rng.integers(0, 3, (2, 1, *sample)).astype(np.float32)
+    seconds = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        transforms(data=image.copy(), seg=label.copy())
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="network patch, Z Y X: shapes the chunks; reads are of its enlarged sample")
     parser.add_argument("--reads", type=int, default=10, help="samples read per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per format (median)")
+    parser.add_argument("--augment-batches", type=int, default=10, help="augmented batches timed (0: skip)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the files (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the written files")
     parser.add_argument("--nnunet-venv", type=Path, default=None, help="check the emulated layout against nnU-Net")
@@ -315,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reads[mode][fmt.name].append(args.reads / seconds)
         print(f"[{time.perf_counter() - began:.0f} s] {mode} reads done", file=sys.stderr)
 
+    augment_seconds = time_augmentation(patch, sample, args.augment_batches) if args.augment_batches else None
     disk = {f.name: statistics.mean(
         sum(p.stat().st_size for p in folders[f.name].glob(f"{c}*.{f.suffix}")) for c in cases) for f in formats}
     nnunet_name = formats[-1].name
@@ -346,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"rounds, formats alternating. Image chunks/blocks: ours {chunks[1:]}/{blocks[1:]}, nnU-Net "
                f"{nn_chunks[1:]}/{nn_blocks[1:]}. Writes of npy and ours go through store.save_array (fsync, "
                f"reopen check, rename), the others are plain blosc2 writes. Total {time.perf_counter() - began:.0f} s.")
+    if augment_seconds is not None:
+        caption += (f" For scale: augmenting one batch of 2 samples of {'x'.join(map(str, sample))} took "
+                    f"{augment_seconds:.2f} s (median of {args.augment_batches} batches, 1 torch thread).")
     if check is not None:
         caption += f" nnU-Net's own comp_blosc2_params (blocks, chunks): {check['theirs']}; emulated: {check['emulated']}."
     text = caption + "\n\n" + table + "\n"
@@ -355,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(
             {"rows": record, "writes": writes, "reads": reads, "shape": shape, "patch": patch, "sample": sample,
-             "cases": args.cases,
+             "cases": args.cases, "augment_seconds_per_batch_of_2": augment_seconds,
              "machine": machine_description(), "nnunet_check": check}, indent=2, default=str) + "\n")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
