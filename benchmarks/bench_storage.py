@@ -24,7 +24,8 @@ Formats:
 - ``npy``: the old store, uncompressed, memory-mapped.
 - ``b2nd ours``: ``autoseg.preprocessing.store.save_array`` exactly as preprocessing writes it (the chunking
   of ``store.blosc2_chunking`` and the codec constants of store.py).
-- alternatives of ours: another codec (ZSTD level 1) and another chunking (patch-sized chunks).
+- alternatives of ours, one setting changed each: codec ZSTD level 1, chunks of half the patch, blocks up
+  to 64 KiB.
 - ``nnU-Net 2.8.1 layout``: blosc2 with the block/chunk rule, codec and filter choice that nnU-Net 2.8.1's
   preprocessing uses, EMULATED here with blosc2 directly (nnU-Net is not a dependency; the rule as
   described in its docstrings, implemented independently in :func:`nnunet_blosc2_layout`): blocks start at
@@ -223,14 +224,14 @@ def build_formats(patch: Sequence[int]) -> list[Format]:
                                      filters=[_nnunet_filter(array, blocks, chunks)])
             _write_b2nd(folder / f"{stem}.b2nd", array, chunks, blocks, cparams)
 
-    ours_name = (f"b2nd ours ({store.BLOSC2_CODEC}-{store.BLOSC2_CLEVEL}, chunks "
-                 f"{store.CHUNK_FRACTION_OF_PATCH:g} patch)")
+    fraction, block_kib = store.CHUNK_FRACTION_OF_PATCH, store.MAX_BLOCK_BYTES // 1024
     return [
         Format("npy", "npy", npy),
-        Format(ours_name, "b2nd", ours),
-        Format("b2nd ZSTD-1, chunks 0.5 patch", "b2nd", variant(blosc2.Codec.ZSTD, 1, 0.5)),
-        Format("b2nd LZ4-5, chunks 1 patch", "b2nd", variant(blosc2.Codec.LZ4, 5, 1.0)),
-        Format("b2nd LZ4-5, chunks 0.5 patch, blocks 64 KiB", "b2nd", variant(blosc2.Codec.LZ4, 5, 0.5, 64 * 1024)),
+        Format(f"b2nd ours ({store.BLOSC2_CODEC}-{store.BLOSC2_CLEVEL}, chunks {fraction:g} patch, blocks "
+               f"{block_kib} KiB)", "b2nd", ours),
+        Format("b2nd, ours but ZSTD-1", "b2nd", variant(blosc2.Codec.ZSTD, 1, fraction)),
+        Format("b2nd, ours but chunks 0.5 patch", "b2nd", variant(blosc2.Codec.LZ4, 5, 0.5)),
+        Format("b2nd, ours but blocks 64 KiB", "b2nd", variant(blosc2.Codec.LZ4, 5, fraction, 64 * 1024)),
         Format("nnU-Net 2.8.1 layout (emulated)", "b2nd", nnunet),
     ]
 

@@ -80,11 +80,13 @@ def test_patch_reads_equal_numpy_slicing(tmp_path):
 
 
 def test_chunking_follows_the_patch():
-    # 128^3 patch: quarter-patch blocks (32^3) halved down to 16 KiB, Z first; half-patch chunks
-    assert blosc2_chunking((1, 400, 512, 512), (128, 128, 128), 4) == ((1, 64, 64, 64), (1, 16, 16, 16))
-    assert blosc2_chunking((1, 400, 512, 512), (128, 128, 128), 1) == ((1, 64, 64, 64), (1, 16, 32, 32))
+    # 128^3 patch: quarter-patch blocks (32^3) halved down to 16 KiB, Z first; patch-sized chunks
+    assert blosc2_chunking((1, 400, 512, 512), (128, 128, 128), 4) == ((1, 128, 128, 128), (1, 16, 16, 16))
+    assert blosc2_chunking((1, 400, 512, 512), (128, 128, 128), 1) == ((1, 128, 128, 128), (1, 16, 32, 32))
+    # a patch that is not a multiple of the block: chunks rounded to whole blocks (80 -> 5 x 16)
+    assert blosc2_chunking((1, 400, 512, 512), (80, 160, 192), 4) == ((1, 80, 160, 192), (1, 16, 16, 16))
     # 2D patches read single slices: Z stays 1
-    assert blosc2_chunking((3, 50, 512, 512), (512, 512), 4) == ((1, 1, 256, 256), (1, 1, 64, 64))
+    assert blosc2_chunking((3, 50, 512, 512), (512, 512), 4) == ((1, 1, 512, 512), (1, 1, 64, 64))
     # never longer than the image; blocks within the byte cap
     chunks, blocks = blosc2_chunking((1, 5, 300, 20), (64, 256, 256), 4)
     assert chunks[1] <= 5 and chunks[3] <= 20 and blocks[1] <= 5 and blocks[3] <= 20
