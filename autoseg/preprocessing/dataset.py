@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError

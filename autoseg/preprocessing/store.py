@@ -13,8 +13,9 @@ Two array formats, chosen per file by the suffix found on disk, so a store writt
   from the configuration's patch size (:func:`blosc2_chunking`), opened lazily (memory-mapped where the OS
   allows) so a patch read decompresses only the blocks it touches. The numbers behind the choice are in
   docs/benchmarks.md ("Preprocessed storage").
-- ``npy``: uncompressed, memory-mapped; about 2.3x the disk of b2nd and, measured, no faster to read
-  (same page): a patch of a memory map faults in every page it touches, b2nd decompresses a few blocks.
+- ``npy``: uncompressed, memory-mapped: 2.3x the disk of b2nd; reads a training sample 1.6-1.9x faster
+  from the page cache and about as fast from disk (0.9-1.2x). With b2nd, reading stays a small part of a
+  loader worker's time next to the augmentation (same page).
 
 Stored arrays are always 4D: 2D images get a leading Z axis of size 1, so one loader serves every
 configuration (2D configurations sample single slices). Each array is written to a temporary name in the
@@ -98,28 +99,32 @@ ARRAY_FORMATS = ("b2nd", "npy")  # also the order in which open_array looks for 
 DEFAULT_ARRAY_FORMAT = "b2nd"
 
 # blosc2 settings of the b2nd format, chosen from benchmarks/bench_storage.py (docs/benchmarks.md, "Preprocessed
-# storage": 4 CT-like cases of 400x512x512, 128^3 patches): LZ4 level 5 read patches 1.9x faster than ZSTD
-# level 1 (44 vs 23 per second with the page cache warm, 21 vs 15 cold) for 17 % more disk (231 vs 198 MB a
-# case; npy: 524 MB). The loader decompresses every patch afresh, so read speed wins over the last MB.
+# storage": 4 CT-like cases of 400x512x512, the 206^3 samples the loader reads for a 128^3 patch, three runs).
+# LZ4 level 5 read 1.8-2.0x as many samples per second as ZSTD level 1 (7.5 vs 3.7 warm, 4.0 vs 2.6 cold in
+# the last run) for 16 % more disk (231 vs 199 MB a case; npy 524 MB): every sample is decompressed afresh.
 BLOSC2_CODEC = "LZ4"
 BLOSC2_CLEVEL = 5
 # shuffle groups the bytes of each float by significance, so the sign/exponent bytes (almost constant in a
 # z-scored image) compress to nearly nothing while the noisy mantissa bytes are left alone
 BLOSC2_FILTER = "SHUFFLE"
-# Blocks are what blosc2 decompresses one at a time: a patch read decompresses every block it touches (a block
-# edge b adds up to b voxels of wasted work per axis) and nothing else of the chunk. Measured on the benchmark's
-# CT-like float32 data (LZ4-5, 64^3 chunks): blocks of 8 to 128 KiB compress alike (0.552-0.556 of the raw
-# bytes) and 16^3 voxels (16 KiB) read patches fastest in two trials (96^3: 241 vs 171 per second against
-# 64 KiB blocks; 128^3: 90 vs 80, within the noise of the loaded machine). Hence: a quarter of the patch per
-# axis as a power of two, halved along the longest axis down to 16 KiB.
+# Blocks are what blosc2 decompresses one at a time: a read decompresses every block it touches (a block edge
+# b adds up to b voxels of wasted work per axis) and nothing else of the chunk. On the benchmark's CT-like
+# float32 data (LZ4-5, 64^3 chunks) blocks of 8 to 128 KiB compressed alike (0.552-0.556 of the raw bytes) and
+# 16^3 voxels (16 KiB) read 96^3 and 128^3 patches fastest (241 vs 171 and 90 vs 80 per second against 64 KiB).
+# Reading 206^3 samples, 64 KiB blocks were faster from disk in all three runs (7.0, 7.1, 4.6 vs 6.3, 4.8,
+# 4.0 samples/s) but slower from the page cache in two (13.1, 11.7, 6.4 vs 11.8, 12.8, 7.5): a near tie that
+# warm reads, the usual case when the dataset fits in RAM, decide. Hence a quarter of the patch per axis as a
+# power of two, halved along the longest axis down to 16 KiB.
 BLOCK_FRACTION_OF_PATCH = 0.25
 MAX_BLOCK_BYTES = 16 * 1024
 MIN_BLOCK_EDGE = 16  # where the patch allows: shorter runs only add per-block overhead
-# Chunks are blosc2's unit of file index and of disk reads. One patch per axis: the loader reads samples
-# enlarged for rotation and scaling (206^3 for a 128^3 patch), so a read spans 2-3 chunks per axis, and in
-# both runs that read such samples, patch-sized chunks were at least as fast as half-patch ones (warm 12.3
-# and 13.9 vs 11.8 and 12.8 samples/s, cold 6.5 and 6.6 vs 6.3 and 4.8), with fewer chunks to index.
+# Chunks are blosc2's unit of file index and of disk reads. One patch per axis: a 206^3 sample then spans 2-3
+# chunks per axis. Patch-sized and half-patch chunks read alike in the three runs (warm 12.3, 13.9, 7.5 vs 11.8,
+# 12.8, 7.6 samples/s; cold 6.5, 6.6, 4.0 vs 6.3, 4.8, 4.0), and patch-sized ones are 8x fewer to index.
 CHUNK_FRACTION_OF_PATCH = 1.0
+# for arrays saved without a patch size: a typical 3D patch. Not the whole volume: blosc2 chunks hold at most
+# 2 GB, which one channel of a long whole-body CT exceeds
+DEFAULT_PATCH_SIZE = (128, 128, 128)
 
 StoredArray = Union[np.ndarray, "blosc2.NDArray"]  # noqa: F821 - blosc2 is imported where it is used
 
@@ -222,8 +227,8 @@ def save_array(
     The file is written under a temporary name in the same folder, reopened and checked (shape, dtype) and
     only then renamed. A copy of the stem in the other format is removed, so a store never holds two
     disagreeing versions of an array. ``patch_size`` shapes the b2nd chunks (:func:`blosc2_chunking`;
-    default: the whole spatial extent, for arrays read as a whole); ``nthreads``: blosc2 compression threads
-    (default: blosc2's own, all cores; preprocessing workers pass 1 so that N workers use N cores).
+    default ``DEFAULT_PATCH_SIZE``); ``nthreads``: blosc2 compression threads (default: blosc2's own, all
+    cores; preprocessing workers pass 1 so that N workers use N cores).
     """
     if array_format not in ARRAY_FORMATS:
         raise ValueError(f"unknown array format {array_format!r}; expected one of {ARRAY_FORMATS}")
@@ -236,7 +241,7 @@ def save_array(
         else:
             import blosc2
 
-            chunks, blocks = blosc2_chunking(array.shape, patch_size or array.shape[1:], array.itemsize)
+            chunks, blocks = blosc2_chunking(array.shape, patch_size or DEFAULT_PATCH_SIZE, array.itemsize)
             written = blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks,
                                      cparams=_blosc2_cparams(nthreads))
             del written  # flushes and closes the file before it is reopened below

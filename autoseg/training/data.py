@@ -37,7 +37,7 @@ ENLARGEMENT_SCALE = 0.85
 # Cases whose arrays a sampler keeps open, most recently used first. An open blosc2 array holds a file
 # descriptor, so keeping every case of a 1000-case dataset open (2 files each, per loader worker) would run
 # into the usual limit of 1024 descriptors per process; reopening costs ~5 ms (measured on the dev machine)
-# against ~25 ms to read a 128^3 patch.
+# against ~80-130 ms to read the 206^3 sample of a 128^3 patch (benchmarks/bench_storage.py).
 OPEN_CASES = 64
 
 
