@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "complete cases and redo partial ones; a failing case is reported and the others still finish.")
     p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("-c", "--configs", nargs="+", default=None, help="configurations (default: all in plans.json)")
-    p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel worker processes")
+    p.add_argument("-np", "--num-workers", type=int, default=None,
+                   help="parallel worker processes (default: one per core up to 8, fewer when free RAM is short)")
 
     p = command("train", _cmd_train, "train one fold of one configuration",
                 "Train CONFIGURATION on fold FOLD (0-4, or 'all' for all training data). Writes checkpoints, "

@@ -151,6 +151,8 @@ for f in sorted(src.glob('*.npz')):
 
 def compare_outputs(work: Path, venv: Path) -> list[dict]:
     """Pearson r (images) and Dice per class (labels) of our 3d_fullres folder against nnU-Net's."""
+    from autoseg.preprocessing.store import load_case
+
     theirs_raw = work / "nnunet" / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres"
     theirs = work / "nnunet_npy"
     subprocess.run([str(venv / "bin" / "python"), "-c", _EXPORT, str(theirs_raw), str(theirs)], check=True)
@@ -158,11 +160,12 @@ def compare_outputs(work: Path, venv: Path) -> list[dict]:
     rows = []
     for ours_file in sorted(ours.glob("*.json")):
         case = ours_file.stem
-        a, b = np.load(ours / f"{case}.npy"), np.load(theirs / f"{case}.npy")
+        a, sa, _ = load_case(ours, case, mmap=False)  # our store's arrays, .b2nd or .npy
+        b = np.load(theirs / f"{case}.npy")
         row = {"case": case, "shape_ours": list(a.shape), "shape_nnunet": list(b.shape)}
         if a.shape == b.shape:
             row["pearson_r"] = float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
-            sa, sb = np.load(ours / f"{case}_seg.npy"), np.load(theirs / f"{case}_seg.npy")
+            sb = np.load(theirs / f"{case}_seg.npy")
             sb = np.where(sb < 0, 0, sb)  # nnU-Net marks background outside the nonzero mask as -1
             for value in sorted(set(np.unique(sa).tolist()) - {0}):
                 x, y = sa == value, sb == value

@@ -10,16 +10,21 @@ robust to one bad case.
   start of the next run) and never a file that looks complete but is not. The computation is deterministic,
   so an interrupted-then-resumed run gives byte-identical files to an uninterrupted one.
 - A case that fails is reported with its file name; the other cases still finish.
+- Unless the caller fixes ``num_workers``, the pool is as large as the cores allow (at most
+  ``MAX_AUTO_WORKERS``) and no larger than free memory allows: :func:`estimate_case_peak_bytes` of the
+  dataset's median case against ``MemAvailable`` (:func:`workers_for_memory`). The choice is logged.
 """
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
@@ -55,6 +60,7 @@ class _Task:
     plans_file: str
     configuration: str
     output_folder: str
+    compression_threads: int | None = None  # blosc2 threads per worker: 1 in a pool, all cores when alone
 
 
 _PLANS_CACHE: dict[str, Plans] = {}
@@ -94,7 +100,8 @@ def process_one(task: _Task) -> tuple[str, str | None]:
             image, geometry, plans, configuration, label=label, case_id=task.case_id
         )
         del image, label
-        save_case(task.output_folder, data, stored_label, properties)
+        save_case(task.output_folder, data, stored_label, properties, patch_size=configuration.patch_size,
+                  nthreads=task.compression_threads)
         return task.case_id, None
     except AutosegError as exc:
         return task.case_id, str(exc)
@@ -114,6 +121,90 @@ def remove_partial_files(folder: Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------------------ workers from memory
+MAX_AUTO_WORKERS = 8  # beyond ~8 processes preprocessing is bound by disk reads and writes, not by cores
+# Fraction of MemAvailable the pool may plan to use: the estimate is for the median case, and a case twice
+# its size must still fit next to the others
+MEMORY_FRACTION = 0.7
+
+
+def estimate_case_peak_bytes(
+    shape_before_crop: Sequence[float],
+    shape_after_crop: Sequence[float],
+    spacing: Sequence[float],
+    target_spacing: Sequence[float],
+    num_channels: int,
+) -> int:
+    """Peak memory in bytes of preprocessing one case (one worker), from its shapes (voxels, array axis order)
+    and spacings (mm). ``target_spacing`` may cover only the last axes (a 2D configuration resamples the
+    in-plane axes of 3D images); leading axes keep their size.
+
+    Counted as float32 copies, from what ``preprocess_case`` holds at once: per channel the image as read and
+    its cropped, normalised copy, the resampled image and one same-sized scratch array of the spline
+    prefilter; the label as read, its crop, and the resampled label with two float32 scratch maps of the
+    per-class resampling. An estimate to size a pool, good to a small factor, not a guarantee.
+    """
+    read = math.prod(float(v) for v in shape_before_crop)
+    cropped = math.prod(float(v) for v in shape_after_crop)
+    resampled_axes = len(target_spacing)
+    zoom = math.prod(float(s) / float(t) for s, t in zip(list(spacing)[-resampled_axes:], target_spacing))
+    resampled = cropped * zoom
+    float32_copies = num_channels * (read + cropped + 2 * resampled) + (read + cropped + 3 * resampled)
+    return int(4 * float32_copies)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give new processes without swapping (``MemAvailable``), None where unknown."""
+    try:
+        import psutil  # optional: not a dependency, but the portable answer where installed
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file says kB and means KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def workers_for_memory(max_workers: int, available_bytes: int | None, case_bytes: int) -> int:
+    """Worker processes: ``max_workers``, fewer when ``MEMORY_FRACTION`` of ``available_bytes`` cannot hold
+    that many cases of ``case_bytes``; at least 1 (one case has to run, whatever memory says); ``max_workers``
+    when memory is unknown."""
+    if available_bytes is None:
+        return max(1, max_workers)
+    fits = int(MEMORY_FRACTION * available_bytes // max(1, case_bytes))
+    return max(1, min(max_workers, fits))
+
+
+def _auto_workers(preprocessed: Path, configuration: Configuration, num_channels: int) -> int:
+    """The pool size for one configuration when the caller left it open (see the module docstring)."""
+    from autoseg.planning.fingerprint import FINGERPRINT_FILE, load_fingerprint
+
+    max_workers = min(MAX_AUTO_WORKERS, os.cpu_count() or 1)
+    fingerprint_file = preprocessed / FINGERPRINT_FILE
+    if not fingerprint_file.is_file():
+        log.info("%s: %d workers (no %s to size them by memory)", configuration.name, max_workers, FINGERPRINT_FILE)
+        return max_workers
+    fingerprint = load_fingerprint(fingerprint_file)
+    case_bytes = estimate_case_peak_bytes(
+        np.median([c.shape_before_crop for c in fingerprint.cases], axis=0),
+        np.median([c.shape_after_crop for c in fingerprint.cases], axis=0),
+        fingerprint.median_spacing,
+        configuration.target_spacing,
+        num_channels,
+    )
+    available = available_memory_bytes()
+    workers = workers_for_memory(max_workers, available, case_bytes)
+    free = f"{available / 1e9:.1f} GB" if available is not None else "unknown"
+    log.info("%s: %d worker(s) (free RAM %s, ~%.1f GB per case)", configuration.name, workers, free, case_bytes / 1e9)
+    return workers
 
 
 def _select_configurations(plans: Plans, names: Sequence[str] | None) -> dict[str, Configuration]:
@@ -147,10 +238,11 @@ def preprocess_dataset(
     dataset: str | int,
     configurations: Sequence[str] | None = None,
     root: str | os.PathLike | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,
 ) -> PreprocessReport:
     """Preprocess all training cases of ``dataset`` for ``configurations`` (default: every configuration in
-    plans.json) into ``preprocessed/<dataset>/<data_identifier>/``. See the module docstring for the rules."""
+    plans.json) into ``preprocessed/<dataset>/<data_identifier>/``. ``num_workers``: processes; None sizes
+    the pool from cores and free memory. See the module docstring for the rules."""
     from autoseg.dataset import list_training_cases, load_dataset_spec
     from autoseg.paths import resolve_dataset
 
@@ -177,6 +269,10 @@ def preprocess_dataset(
         leftovers = remove_partial_files(folder)
         if leftovers:
             log.info("%s: removed %d temporary file(s) of an interrupted run", folder, leftovers)
+        workers = num_workers if num_workers is not None else _auto_workers(
+            location.preprocessed, configuration, plans.num_channels)
+        # several workers share the cores: one blosc2 thread each; a lone worker may use them all
+        compression_threads = 1 if workers > 1 else None
         tasks = []
         for case in cases:
             if is_complete(folder, case.case_id, with_label=True):
@@ -190,10 +286,11 @@ def preprocess_dataset(
                     plans_file=str(plans_file),
                     configuration=configuration.name,
                     output_folder=str(folder),
+                    compression_threads=compression_threads,
                 )
             )
         log.info("%s: %d case(s) to preprocess, %d already complete", identifier, len(tasks), len(cases) - len(tasks))
-        for case_id, message in sorted(_run_tasks(tasks, num_workers, f"preprocess {identifier}")):
+        for case_id, message in sorted(_run_tasks(tasks, workers, f"preprocess {identifier}")):
             if message is None:
                 report.processed += 1
             else:

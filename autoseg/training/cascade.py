@@ -7,9 +7,10 @@ to copy a too-good input: it is the previous stage's *cross-validation* predicti
 holds the case (the same splits.json serves both stages). At prediction time the previous stage predicts
 the new image first (``Predictor.from_folder``), so both paths feed the network the same kind of input.
 
-The converted maps live in ``preprocessed/<dataset>/<data_identifier>__from_<previous>__<arch>/<case>.npy``
-(int8 ``[1, Z, Y, X]``), written atomically and redone when the prediction they came from is newer, so
-retraining a low-resolution fold never leaves stale cascade inputs behind.
+The converted maps live in ``preprocessed/<dataset>/<data_identifier>__from_<previous>__<arch>/<case>.b2nd``
+(int8 ``[1, Z, Y, X]`` in the store's array format; ``.npy`` from earlier runs is still read), written
+atomically and redone when the prediction they came from is newer, so retraining a low-resolution fold never
+leaves stale cascade inputs behind.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.errors import ConfigurationError
-from autoseg.fileio import atomic_path
 from autoseg.io import read_segmentation
 from autoseg.paths import DatasetLocation, fold_folder
 from autoseg.planning.plans import Configuration, Plans
 from autoseg.preprocessing.case import preprocess_label
-from autoseg.preprocessing.store import load_properties
+from autoseg.errors import PreprocessingError
+from autoseg.preprocessing.store import array_file, load_properties, open_array, save_array
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def previous_stage_sources(
     return sources
 
 
-def _is_current(target: Path, source: Path) -> bool:
-    return target.is_file() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns
+def _is_current(target: Path | None, source: Path) -> bool:
+    return target is not None and target.stat().st_mtime_ns >= source.stat().st_mtime_ns
 
 
 def prepare_previous_stage(
@@ -98,19 +99,24 @@ def prepare_previous_stage(
     preprocessed grid (crop box and resampling of each case's stored properties); returns their folder."""
     sources = previous_stage_sources(location, plans, config, splits, case_ids)
     folder = previous_stage_folder(location, plans, config)
-    todo = [case for case, source in sources.items() if not _is_current(folder / f"{case}.npy", source)]
+    todo = [case for case, source in sources.items() if not _is_current(array_file(folder, case), source)]
     if todo:
         say(f"cascade: converting {len(todo)} prediction(s) of {config.previous_stage} onto the "
             f"{config.data_identifier} grid -> {folder}")
     for case in tqdm(todo, desc="cascade inputs", unit="case", disable=not todo):
         segmentation, _ = read_segmentation(sources[case])
         converted = preprocess_label(segmentation, load_properties(store, case), config)
-        with atomic_path(folder / f"{case}.npy", suffix=".npy") as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, converted, allow_pickle=False)
+        save_array(folder, case, converted.astype(np.int8, copy=False), patch_size=config.patch_size)
     return folder
 
 
 def load_previous_stage(folder: Path, case_id: str, mmap: bool = False) -> np.ndarray:
-    """int8 ``[1, Z, Y, X]`` previous-stage segmentation of a case, as written by :func:`prepare_previous_stage`."""
-    return np.load(folder / f"{case_id}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+    """int8 ``[1, Z, Y, X]`` previous-stage segmentation of a case, as written by :func:`prepare_previous_stage`
+    (``mmap``: opened lazily, see ``autoseg.preprocessing.store.open_array``; else read into memory)."""
+    path = array_file(folder, case_id)
+    if path is None:
+        raise PreprocessingError(
+            f"{folder / case_id}: previous-stage segmentation (.b2nd or .npy) missing; "
+            "run `autoseg train` for the cascade again, which converts the previous stage's predictions"
+        )
+    return open_array(path, mmap=mmap)

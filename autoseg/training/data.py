@@ -1,7 +1,8 @@
 """Random training patches from the preprocessed store.
 
-The store keeps every case as a ``.npy`` ``[C, Z, Y, X]`` (2D images: Z = 1) that we memory-map, so a patch
-reads only its own region from disk. Rules of the nnU-Net method (shared/reference/nnunet.md):
+The store keeps every case as a ``[C, Z, Y, X]`` array (2D images: Z = 1), a blosc2 ``.b2nd`` or a ``.npy``
+(``autoseg.preprocessing.store``), opened lazily so that a patch reads (and for b2nd decompresses) only its
+own region. Rules of the nnU-Net method (shared/reference/nnunet.md):
 
 - 33 % of each batch is *foreground-oversampled*: the patch is centred on a stored location
   (``CaseProperties.class_locations``) of a randomly chosen class present in the case. The last
@@ -16,13 +17,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from autoseg.preprocessing.store import CaseProperties, image_path, label_path, load_properties
+from autoseg.errors import PreprocessingError
+from autoseg.preprocessing.store import CaseProperties, array_file, load_properties, open_array
 from autoseg.training.cascade import load_previous_stage
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,11 @@ FOREGROUND_OVERSAMPLING = 0.33  # nnU-Net: a third of each batch is centred on f
 # nnU-Net computes the enlarged patch with scale 0.85 (not the 0.7 of the scaling augmentation): zooming out
 # further than that pulls in a little padding, which the reference accepts to keep patches small
 ENLARGEMENT_SCALE = 0.85
+# Cases whose arrays a sampler keeps open, most recently used first. An open blosc2 array holds a file
+# descriptor, so keeping every case of a 1000-case dataset open (2 files each, per loader worker) would run
+# into the usual limit of 1024 descriptors per process; reopening costs ~5 ms (measured on the dev machine)
+# against ~80-130 ms to read the 206^3 sample of a 128^3 patch (benchmarks/bench_storage.py).
+OPEN_CASES = 64
 
 
 def _rotation_matrix(axis: int, angle: float) -> np.ndarray:
@@ -97,6 +105,12 @@ def forced_foreground(sample_index: int, batch_size: int, fraction: float = FORE
     return not sample_index < round(batch_size * (1.0 - fraction))
 
 
+def _forget_oldest(opened: OrderedDict) -> None:
+    """Close (by dropping) the least recently used arrays beyond ``OPEN_CASES``."""
+    while len(opened) > OPEN_CASES:
+        opened.popitem(last=False)
+
+
 @dataclass
 class _Case:
     case_id: str
@@ -134,8 +148,8 @@ class PatchSampler:
         self.oversample_foreground = oversample_foreground
         self.previous_stage = Path(previous_stage) if previous_stage is not None else None
         self.cases = [self._describe(c) for c in self.case_ids]
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._previous: dict[str, np.ndarray] = {}
+        self._arrays: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._previous: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _describe(self, case_id: str) -> _Case:
         properties = load_properties(self.folder, case_id)
@@ -148,21 +162,32 @@ class PatchSampler:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_arrays"], state["_previous"] = {}, {}  # memory maps are reopened in each worker
+        state["_arrays"], state["_previous"] = OrderedDict(), OrderedDict()  # reopened in each worker
         return state
 
     def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The case's image and label, opened lazily (memory map or blosc2 NDArray; both slice like numpy).
+        One blosc2 thread per reader: a patch is a few MB, and the loader runs one sampler per worker process,
+        so more threads would only make the workers fight over the same cores."""
         if case_id not in self._arrays:
-            data = np.load(image_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
-            seg = np.load(label_path(self.folder, case_id), mmap_mode="r", allow_pickle=False)
-            self._arrays[case_id] = (data, seg)
+            files = array_file(self.folder, case_id), array_file(self.folder, f"{case_id}_seg")
+            if None in files:
+                raise PreprocessingError(
+                    f"{self.folder / case_id}: image or label array (.b2nd or .npy) missing; "
+                    "re-run `autoseg preprocess`, which redoes incomplete cases"
+                )
+            self._arrays[case_id] = (open_array(files[0], nthreads=1), open_array(files[1], nthreads=1))
+            _forget_oldest(self._arrays)
+        self._arrays.move_to_end(case_id)
         return self._arrays[case_id]
 
     def previous(self, case_id: str) -> np.ndarray:
-        """The cascade's previous-stage segmentation ``[1, Z, Y, X]`` of a case (memory-mapped)."""
+        """The cascade's previous-stage segmentation ``[1, Z, Y, X]`` of a case (opened lazily)."""
         if case_id not in self._previous:
             assert self.previous_stage is not None
             self._previous[case_id] = load_previous_stage(self.previous_stage, case_id, mmap=True)
+            _forget_oldest(self._previous)
+        self._previous.move_to_end(case_id)
         return self._previous[case_id]
 
     @property
@@ -216,7 +241,7 @@ class PatchSampler:
         return (*out, case.case_id)
 
     def _read(self, data, seg, z, spatial_shape, start, image: np.ndarray, label: np.ndarray) -> None:
-        """Copy the part of the patch inside the image from the memory map into the zero-filled ``image`` and
+        """Copy the part of the patch inside the image from the stored arrays into the zero-filled ``image`` and
         ``label``; the rest stays 0. Small images are mostly padding (a 42x55x44 case in a 78x86x82 sample), so
         writing into the batch array directly instead of np.pad + np.stack saves two copies per sample.
         ``seg`` is the label map, or ``(label map, previous-stage map)`` for a cascade."""

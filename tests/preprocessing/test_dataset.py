@@ -57,10 +57,10 @@ def test_rerun_skips_complete_cases_and_redoes_a_truncated_one(tmp_path) -> None
     _, _, folder = _setup(tmp_path)
     assert preprocess_dataset(DATASET, root=tmp_path, num_workers=1).ok
     before = _file_bytes(folder)
-    victim = folder / "case_001.npy"
+    victim = folder / "case_001.b2nd"  # the default array format
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a half-written array
     assert not is_complete(folder, "case_001")
-    untouched = folder / "case_003.npy"
+    untouched = folder / "case_003.b2nd"
     stamp = untouched.stat().st_mtime_ns
 
     report = preprocess_dataset(DATASET, configurations=["3d_fullres"], root=tmp_path, num_workers=1)
@@ -132,3 +132,59 @@ def test_preprocessing_does_not_import_torch():
 
     code = "import sys, autoseg.preprocessing; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_case_peak_estimate_by_hand() -> None:
+    from autoseg.preprocessing.dataset import estimate_case_peak_bytes
+
+    # no crop, no resampling, 1 channel: image (read + crop + 2 resampled) + label (read + crop + 3) = 9 copies
+    assert estimate_case_peak_bytes((10, 20, 30), (10, 20, 30), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), 1) == 4 * 9 * 6000
+    # resampling to half the spacing on every axis: 8x the voxels after resampling; 2 channels
+    read, cropped = 6000, 3000
+    resampled = 8 * cropped
+    expected = 4 * (2 * (read + cropped + 2 * resampled) + read + cropped + 3 * resampled)
+    assert estimate_case_peak_bytes((10, 20, 30), (10, 10, 30), (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), 2) == expected
+    # a 2D configuration resamples only the in-plane axes of 3D images: 4x the voxels, Z (5 mm) untouched
+    resampled = 4 * 6000
+    assert estimate_case_peak_bytes((10, 20, 30), (10, 20, 30), (5.0, 1.0, 1.0), (0.5, 0.5), 1) == \
+        4 * ((6000 + 6000 + 2 * resampled) + (6000 + 6000 + 3 * resampled))
+
+
+def test_workers_capped_by_free_memory() -> None:
+    from autoseg.preprocessing.dataset import MEMORY_FRACTION, workers_for_memory
+
+    gb = 10**9
+    assert workers_for_memory(8, None, 4 * gb) == 8  # memory unknown: the cores decide
+    assert workers_for_memory(8, int(100 * gb / MEMORY_FRACTION), 4 * gb) == 8  # room for 25: cores decide
+    assert workers_for_memory(8, int(10 * gb / MEMORY_FRACTION), 4 * gb) == 2  # room for 2.5 cases
+    assert workers_for_memory(8, 1 * gb, 40 * gb) == 1  # never fewer than one: the case has to run
+
+
+def test_auto_workers_logs_the_choice(tmp_path, caplog, monkeypatch) -> None:
+    import logging
+
+    import autoseg.preprocessing.dataset as dataset_module
+    from autoseg.planning.fingerprint import FINGERPRINT_FILE
+
+    _, plans, folder = _setup(tmp_path)
+    fingerprint = {"cases": [{"shape_before_crop": [16, 48, 48], "shape_after_crop": [16, 40, 40]}],
+                   "median_spacing": [2.5, 0.8, 0.8]}
+    monkeypatch.setattr("autoseg.planning.fingerprint.load_fingerprint", lambda path: _Fingerprint(**fingerprint))
+    (folder.parent / FINGERPRINT_FILE).write_text("{}")
+    monkeypatch.setattr(dataset_module, "available_memory_bytes", lambda: 18_300_000_000)
+    configuration = plans.configuration("3d_fullres")
+    with caplog.at_level(logging.INFO, logger="autoseg.preprocessing.dataset"):
+        workers = dataset_module._auto_workers(folder.parent, configuration, 1)
+    assert workers == min(dataset_module.MAX_AUTO_WORKERS, os.cpu_count() or 1)  # tiny cases: cores decide
+    assert f"{workers} worker(s) (free RAM 18.3 GB, ~0.0 GB per case)" in caplog.text
+
+
+class _Case:
+    def __init__(self, shape_before_crop, shape_after_crop):
+        self.shape_before_crop, self.shape_after_crop = shape_before_crop, shape_after_crop
+
+
+class _Fingerprint:
+    def __init__(self, cases, median_spacing):
+        self.cases = [_Case(**c) for c in cases]
+        self.median_spacing = median_spacing

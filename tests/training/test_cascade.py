@@ -15,7 +15,8 @@ from autoseg.paths import resolve_dataset
 from autoseg.planning.plans import Plans, Resampling, load_plans, save_plans
 from autoseg.preprocessing.case import preprocess_case, preprocess_label
 from autoseg.training.augmentation import PreviousStageToData, RandomBinaryOperators, RemoveRandomComponent
-from autoseg.training.cascade import prepare_previous_stage, previous_stage_folder
+from autoseg.preprocessing.store import load_case
+from autoseg.training.cascade import load_previous_stage, prepare_previous_stage, previous_stage_folder
 from autoseg.training.data import PatchSampler
 
 from .tiny_data import DATASET, _configuration, build_tiny_dataset
@@ -151,18 +152,18 @@ def test_cascade_inputs_need_every_lowres_fold_and_follow_retraining(tmp_path):
     splits = _read_splits(location.preprocessed)
     folder = prepare_previous_stage(location, plans, config, store, splits, cases)
     assert folder == previous_stage_folder(location, plans, config)
-    converted = np.load(folder / "case_001.npy")
-    label = np.load(store / "case_001_seg.npy")
+    converted = load_previous_stage(folder, "case_001")
+    label = load_case(store, "case_001", mmap=False)[1]
     assert converted.shape == label.shape and np.array_equal(converted, np.roll(label, 1, axis=-1))
     # a retrained lowres fold (newer prediction) is converted again; an unchanged one is not touched
-    before = (folder / "case_002.npy").stat().st_mtime_ns
+    before = (folder / "case_002.b2nd").stat().st_mtime_ns  # written in the store's default format
     source = location.results / "3d_lowres__unet" / "fold_1" / "validation" / "case_001.nii.gz"
     seg, geometry = read_segmentation(source)
     write_segmentation(np.zeros_like(seg), geometry, source)
-    os.utime(source, ns=(source.stat().st_atime_ns, (folder / "case_001.npy").stat().st_mtime_ns + 10**9))
+    os.utime(source, ns=(source.stat().st_atime_ns, (folder / "case_001.b2nd").stat().st_mtime_ns + 10**9))
     prepare_previous_stage(location, plans, config, store, splits, cases)
-    assert not np.load(folder / "case_001.npy").any()
-    assert (folder / "case_002.npy").stat().st_mtime_ns == before
+    assert not load_previous_stage(folder, "case_001").any()
+    assert (folder / "case_002.b2nd").stat().st_mtime_ns == before
 
 
 def test_sampler_reads_the_previous_stage_beside_the_label(tmp_path):

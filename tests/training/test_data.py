@@ -241,3 +241,46 @@ def test_rotate_scale_crop_matches_one_hot_argmax_and_affine_grid():
         assert np.allclose(out["data"][b], image.numpy(), atol=1e-5)
     assert np.array_equal(out["data"][1], data[1][:, 4:11, 4:13, 4:12])
     assert np.array_equal(out["seg"][1], seg[1][:, 4:11, 4:13, 4:12])
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_both_store_formats_give_identical_batches(tiny3d, tmp_path, dims):
+    from autoseg.preprocessing.store import list_stored_cases, load_case, save_case
+
+    source = tiny3d / "preprocessed" / DATASET / "3d_fullres"
+    cases = list_stored_cases(source)[:3]
+    for array_format in ("b2nd", "npy"):
+        for case_id in cases:
+            data, label, properties = load_case(source, case_id, mmap=False)
+            save_case(tmp_path / array_format, data, label, properties, patch_size=(8, 16, 16),
+                      array_format=array_format)
+    patch = (12, 16, 16) if dims == 3 else (16, 16)
+    settings = augmentation_settings(patch)
+    transforms = training_transforms(patch, settings, [(1.0,) * dims, (0.5,) * dims])
+    batches = {}
+    for array_format in ("b2nd", "npy"):
+        sampler = PatchSampler(tmp_path / array_format, cases, sample_size_for(patch, settings), 3, dims)
+        assert type(sampler.arrays(cases[0])[0]).__name__ == ("NDArray" if array_format == "b2nd" else "memmap")
+        np.random.seed(4)
+        random.seed(4)
+        loader = BatchLoader(sampler, transforms, num_workers=0)
+        loader.reseed(np.random.default_rng(11))
+        batches[array_format] = [next(loader) for _ in range(2)]
+    for b2nd_batch, npy_batch in zip(batches["b2nd"], batches["npy"]):
+        assert b2nd_batch["keys"] == npy_batch["keys"]
+        assert np.array_equal(b2nd_batch["data"].numpy(), npy_batch["data"].numpy())
+        assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(b2nd_batch["target"], npy_batch["target"]))
+        assert b2nd_batch["data"].abs().sum() > 0
+
+
+def test_sampler_keeps_a_bounded_number_of_cases_open(tiny3d, monkeypatch):
+    import autoseg.training.data as data_module
+
+    monkeypatch.setattr(data_module, "OPEN_CASES", 2)
+    folder = tiny3d / "preprocessed" / DATASET / "3d_fullres"
+    sampler = PatchSampler(folder, ["case_000", "case_001", "case_002"], (8, 16, 16), 2, 3)
+    for case_id in ["case_000", "case_001", "case_000", "case_002"]:
+        sampler.arrays(case_id)
+    assert list(sampler._arrays) == ["case_000", "case_002"]  # case_001 was the least recently used
+    batch = sampler.sample_batch(np.random.default_rng(0), 6)
+    assert len(sampler._arrays) == 2 and batch["data"].shape == (6, 1, 8, 16, 16)

@@ -110,11 +110,12 @@ def test_corrupted_checkpoint_is_an_error_not_a_restart(tmp_path):
 def test_nan_in_batch_stops_with_clear_message(tmp_path):
     build_tiny_dataset(tmp_path, dims=2, num_cases=5)
     store = tmp_path / "preprocessed" / DATASET / "2d"
-    for path in store.glob("case_*.npy"):
-        if not path.name.endswith("_seg.npy"):
-            array = np.load(path)
-            array[:] = np.nan
-            np.save(path, array)
+    from autoseg.preprocessing.store import list_stored_cases, load_case, save_array
+
+    for case_id in list_stored_cases(store):  # whichever array format the store holds
+        array = load_case(store, case_id, mmap=False)[0]
+        array[:] = np.nan
+        save_array(store, case_id, array)
     with pytest.raises(TrainingError, match="NaN"):
         train(DATASET, "2d", 0, root=tmp_path, epochs=1, iterations_per_epoch=2, **FAST)
 
