@@ -30,6 +30,7 @@ from tqdm import tqdm
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
 from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.preprocessing.store import is_complete, save_case
+from autoseg.workers import pool_initializer
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,10 @@ def _run_tasks(tasks: list[_Task], num_workers: int, description: str) -> list[t
     else:
         context = multiprocessing.get_context("spawn")
         # one case per task and maxtasksperchild bounds what a long-lived worker can accumulate
-        with context.Pool(min(num_workers, len(tasks)), maxtasksperchild=50) as pool:
+        initializer, initargs = pool_initializer()  # workers die with this process, even on kill -9
+        with context.Pool(
+            min(num_workers, len(tasks)), maxtasksperchild=50, initializer=initializer, initargs=initargs
+        ) as pool:
             for result in pool.imap_unordered(process_one, tasks, chunksize=1):
                 results.append(result)
                 progress.update()
