@@ -61,20 +61,18 @@ def _traced(
     import torch
 
     from autoseg.networks import build
-    from autoseg.networks.summary import activation_bytes, parameter_bytes
+    from autoseg.networks.summary import TRACE_BATCH, parameter_bytes, training_activation_bytes
 
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options}
-    activations = activation_bytes(
-        architecture, in_channels, num_classes, list(patch_size), 1,
-        [list(s) for s in strides], [list(k) for k in kernel_sizes], list(features),
-        dtype_bytes=ACTIVATION_DTYPE_BYTES, **kwargs,
-    )
     with torch.device("meta"):
         model = build(
             architecture, in_channels, num_classes, list(patch_size),
             [list(s) for s in strides], [list(k) for k in kernel_sizes], list(features), **kwargs,
         )
-    return int(activations), int(parameter_bytes(model, OPTIMIZER_STATES))
+    # a training step at the smallest batch the planner gives (2), per sample: batch-statistics layers
+    # see the batch they will see in training, and the bytes are linear in the batch
+    per_batch = training_activation_bytes(model, in_channels, patch_size, TRACE_BATCH, ACTIVATION_DTYPE_BYTES)
+    return int(round(per_batch / TRACE_BATCH)), int(parameter_bytes(model, OPTIMIZER_STATES))
 
 
 def memory_components(
