@@ -119,6 +119,9 @@ class Plans:
     median_spacing: list[float]  # dataset median spacing (array order, 3 entries for 3D data)
     median_shape: list[float]
     gpu_memory_gb: float = 8.0
+    # configurations the planner left out -> the one-line reason (an architecture whose constraints the
+    # dataset cannot meet). Optional, so plans written before it existed still load (same schema version).
+    skipped: dict[str, str] = field(default_factory=dict)
     schema_version: int = PLANS_SCHEMA_VERSION
 
     @property
