@@ -1,9 +1,10 @@
 """Training-memory estimate of a configuration, measured on the real network.
 
 ``training_memory_bytes`` = parameters + gradients + SGD momentum (fp32) + ``batch_size`` x the activations
-one sample keeps for the backward pass. Activations come from :func:`autoseg.networks.summary.activation_bytes`,
-which builds the network on PyTorch's ``meta`` device and records every tensor autograd saves during one
-forward pass: no arithmetic, no memory, and no per-architecture constants.
+one sample keeps for the backward pass. Activations come from :mod:`autoseg.networks.summary`, which builds
+the network on PyTorch's ``meta`` device and records every tensor autograd saves during one training step
+at a batch of 2 (the planner's smallest; a batch of 1 makes batch norm fail behind a one-voxel bottleneck),
+divided by 2: no arithmetic, no memory, and no per-architecture constants.
 
 One calibration turns a GPU size into a byte budget (``BUDGET_FRACTION``). What the saved tensors do not
 show (cuDNN workspaces, temporaries freed during the forward pass, the CUDA context, allocator
