@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "sizes, topology and normalisation (plans.json), write the 5-fold splits.json, then preprocess "
                 "every default configuration. See docs/planning.md for each rule and how to override it.")
     p.add_argument("dataset", help=DATASET_HELP)
-    p.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget in GB for patch/batch size")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GPU memory in GB to size patch and batch for (default: the memory of CUDA GPU 0, or 8 "
+                   "without CUDA; the plan prints which)")
     p.add_argument("--configs", nargs="+", default=None, help="only these base configurations (2d 3d_fullres 3d_lowres 3d_cascade_fullres; the "
                    "last two are planned only for images much larger than the patch)")
     p.add_argument("--arch", nargs="+", default=None, help="architectures to plan (default: every one that applies)")

@@ -1,4 +1,5 @@
-"""Device choice in one place: CUDA when present, else Apple MPS, else CPU; ``--device`` overrides."""
+"""Device questions in one place: which device (CUDA when present, else Apple MPS, else CPU; ``--device``
+overrides), which AMP dtype, how many threads, and how much GPU memory the planner may budget for."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,9 @@ import torch
 from autoseg.errors import ConfigurationError
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+# the planner's budget when no CUDA GPU is visible (planning on a CPU machine for a GPU elsewhere): nnU-Net's
+# reference GPU size, the one its patch/batch heuristics were calibrated on (docs/planning.md)
+DEFAULT_GPU_MEMORY_GB = 8.0
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -71,3 +75,22 @@ def configure_threads(num_threads: int | None = None) -> int:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, num_threads))
     return torch.get_num_threads()
+
+
+def gpu_memory_budget(requested_gb: float | None = None) -> tuple[float, str]:
+    """(GiB the planner may budget for, one line saying where the number came from).
+
+    ``requested_gb`` (``--gpu-memory``) wins; else the total memory of CUDA device 0
+    (``torch.cuda.get_device_properties(0).total_memory`` in GiB, the unit ``--gpu-memory`` is read in);
+    else ``DEFAULT_GPU_MEMORY_GB``.
+    """
+    if requested_gb is not None:
+        return float(requested_gb), f"GPU memory budget: {float(requested_gb):g} GB from --gpu-memory"
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        gigabytes = round(properties.total_memory / 2**30, 1)
+        return gigabytes, f"GPU memory budget: {gigabytes:g} GB from {properties.name}; --gpu-memory overrides"
+    return DEFAULT_GPU_MEMORY_GB, (
+        f"GPU memory budget: {DEFAULT_GPU_MEMORY_GB:g} GB (the default: PyTorch sees no CUDA GPU); "
+        "--gpu-memory overrides"
+    )

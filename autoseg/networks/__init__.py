@@ -1,7 +1,8 @@
 """Networks: one registry, one file per architecture, SelfReg losses, and summaries (params, FLOPs, memory).
 
 Use :func:`build` to make a network; :func:`constraints`, :func:`check_patch`, :func:`patch_divisor` and
-:func:`adjust_patch` let the planner choose patches without knowing architecture names. The protocol every
+:func:`adjust_patch` (with the options :func:`constraint_options` picks) let the planner choose patches without
+knowing architecture names. The protocol every
 network follows is documented in :mod:`autoseg.networks.registry`.
 """
 from autoseg.networks.registry import (
@@ -10,6 +11,7 @@ from autoseg.networks.registry import (
     available,
     build,
     check_patch,
+    constraint_options,
     constraints,
     get,
     patch_divisor,
@@ -25,6 +27,7 @@ __all__ = [
     "available",
     "build",
     "check_patch",
+    "constraint_options",
     "constraints",
     "get",
     "patch_divisor",

@@ -30,6 +30,10 @@ Constraints
 ``check_patch`` raises :class:`autoseg.errors.ConfigurationError` naming the architecture, the patch and
 the fix. ``patch_divisor`` gives the per-axis multiple a patch must be of, and ``adjust_patch`` rounds a
 patch to the nearest accepted one, so the planner can search patch sizes without knowing the architecture.
+``constraint_options(name, options)`` picks, from a configuration's build options, the ones to pass to these
+functions. Every limit a network has (divisibility, window and token sizes, the smallest bottleneck its
+normalisation layers accept) is declared in its constraint function, so a patch that passes
+``check_patch`` builds and runs a training step (tests/planning/test_sweep.py holds every architecture to it).
 """
 from __future__ import annotations
 
@@ -280,7 +284,7 @@ def build(
     features = [int(f) for f in features]
     _validate_topology(patch_size, strides, kernel_sizes, features)
     _check_options(info, info.builder, variant_options)
-    check_patch(name, patch_size, len(patch_size), strides=strides, **_constraint_options(info, variant_options))
+    check_patch(name, patch_size, len(patch_size), strides=strides, **constraint_options(name, variant_options))
     return info.builder(
         in_channels=int(in_channels),
         num_classes=int(num_classes),
@@ -293,12 +297,20 @@ def build(
     )
 
 
-def _constraint_options(info: ArchitectureInfo, options: dict[str, Any]) -> dict[str, Any]:
-    """The subset of build options that the constraint function understands (e.g. ``stem``, ``windows``)."""
-    params = inspect.signature(info.constraints).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(options)
-    return {k: v for k, v in options.items() if k in params}
+def constraint_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The build options of ``name`` (e.g. ``stem``, ``windows``) to pass to :func:`constraints`,
+    :func:`patch_divisor`, :func:`adjust_patch` and :func:`check_patch`: those that both its constraint and its
+    divisor function accept (a function taking ``**kwargs`` accepts all), so neither rejects an option that
+    only the builder reads."""
+    info = get(name)
+    keep = dict(options)
+    for fn in (info.constraints, info.divisor):
+        if fn is None:
+            continue
+        params = inspect.signature(fn).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            keep = {k: v for k, v in keep.items() if k in params}
+    return keep
 
 
 def divisible_by_strides(strides: Sequence[Sequence[int]], dims: int, **_: Any) -> tuple[int, ...]:

@@ -4,6 +4,11 @@ The planner uses :func:`activation_bytes` in its patch/batch search: it builds t
 ``meta`` device (no memory, no arithmetic) and runs one forward pass while recording every tensor autograd
 saves for the backward pass. That is the activation memory a training step holds at its peak, measured on the
 actual architecture, so a new architecture needs no hand-tuned constant (design.md section 2, plans.json).
+
+The trace is a *training* step, so it runs at a batch of at least ``TRACE_BATCH`` = 2, the smallest batch
+the planner ever gives (a batch-norm layer in training mode refuses one value per channel, which a batch of
+one with a 1x1x1 bottleneck would give it). Smaller batches are traced at 2 and scaled down: every saved
+tensor has a batch axis, so the bytes are linear in the batch.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autoseg.networks.registry import build
+
+TRACE_BATCH = 2  # a training step's smallest batch (the planner's minimum); see the module docstring
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -47,8 +54,15 @@ def saved_activation_elements(model: nn.Module, input_shape: Sequence[int]) -> t
 
     Every tensor autograd packs for the backward pass goes through ``saved_tensors_hooks``; parameters are
     excluded (they are counted separately) and a tensor saved by two operations is counted once. The model
-    is put in training mode (dropout masks and normalisation statistics count as they would in training).
+    is put in training mode (dropout masks and normalisation statistics count as they would in training), so
+    the batch ``input_shape[0]`` must be at least ``TRACE_BATCH`` (batch-norm needs more than one value per
+    channel); :func:`activation_bytes` scales a trace at 2 down to a batch of 1.
     """
+    if int(input_shape[0]) < TRACE_BATCH:
+        raise ValueError(
+            f"a training-mode trace needs a batch of at least {TRACE_BATCH} (batch-statistics layers), "
+            f"got input shape {tuple(input_shape)}"
+        )
     parameter_ids = {id(p) for p in model.parameters()}
     seen: dict[int, torch.Tensor] = {}  # keep references so ids are not reused during the trace
     totals = [0, 0]
@@ -97,16 +111,26 @@ def activation_bytes(
     """Bytes of activations one training step of ``name`` keeps for backward at this patch and batch.
 
     Builds the network on the ``meta`` device and traces one forward pass (see
-    :func:`saved_activation_elements`). ``dtype_bytes``: 2 under AMP (fp16/bf16 activations), 4 in fp32.
-    Parameters, gradients and optimiser state are not included: see :func:`parameter_bytes`.
+    :func:`saved_activation_elements`) at ``max(batch_size, TRACE_BATCH)``; a batch of 1 is half the trace
+    at 2. ``dtype_bytes``: 2 under AMP (fp16/bf16 activations), 4 in fp32. Parameters, gradients and
+    optimiser state are not included: see :func:`parameter_bytes`.
     """
     with torch.device("meta"):
         model = build(
             name, in_channels, num_classes, patch_size, strides, kernel_sizes, features,
             deep_supervision=deep_supervision, **options,
         )
-    float_elements, other_bytes = saved_activation_elements(model, (batch_size, in_channels, *patch_size))
-    return int(float_elements * dtype_bytes + other_bytes)
+    return training_activation_bytes(model, in_channels, patch_size, batch_size, dtype_bytes)
+
+
+def training_activation_bytes(
+    model: nn.Module, in_channels: int, patch_size: Sequence[int], batch_size: int, dtype_bytes: int = 2
+) -> int:
+    """Activation bytes of one training step of a built ``model`` at ``batch_size`` x ``patch_size``
+    (traced at ``max(batch_size, TRACE_BATCH)``, scaled linearly to ``batch_size``)."""
+    traced_batch = max(int(batch_size), TRACE_BATCH)
+    float_elements, other_bytes = saved_activation_elements(model, (traced_batch, in_channels, *patch_size))
+    return int(round((float_elements * dtype_bytes + other_bytes) * batch_size / traced_batch))
 
 
 def parameter_bytes(model: nn.Module, optimizer_states: int = 1) -> int:

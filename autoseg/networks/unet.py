@@ -8,6 +8,7 @@ Any number of stages; anisotropic strides and kernels come from the planner.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +22,9 @@ from autoseg.networks.blocks import (
     transposed_conv_class,
 )
 from autoseg.networks.registry import divisible_by_strides, register
+
+# instance norm refuses a map of one voxel (one value per channel and sample), in training and at inference
+MIN_BOTTLENECK_VOXELS = 2
 
 
 class PlainConvUNet(nn.Module):
@@ -126,7 +130,9 @@ class PlainConvUNet(nn.Module):
 def unet_constraints(
     patch_size: Sequence[int], dims: int, strides: Sequence[Sequence[int]] | None = None, **_: Any
 ) -> list[str]:
-    """Each patch axis must be divisible by the product of that axis' strides (architectures.md 1)."""
+    """Each patch axis must be divisible by the product of that axis' strides (architectures.md 1), and the
+    bottleneck must hold at least ``MIN_BOTTLENECK_VOXELS`` voxels: instance norm (batch norm too) needs
+    more than one value per channel, in training and, for instance norm, at inference as well."""
     if strides is None:
         return []
     divisor = divisible_by_strides(strides, dims)
@@ -137,6 +143,10 @@ def unet_constraints(
     ]
     if bad:
         return [f"{', '.join(bad)} (product of the strides per axis is {divisor})"]
+    bottleneck = tuple(p // d for p, d in zip(patch_size, divisor))
+    if math.prod(bottleneck) < MIN_BOTTLENECK_VOXELS:
+        return [f"the bottleneck {bottleneck} holds fewer than {MIN_BOTTLENECK_VOXELS} voxels (normalisation "
+                "needs more than one value per channel); use fewer downsamplings or a larger patch"]
     return []
 
 

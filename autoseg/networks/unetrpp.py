@@ -40,6 +40,11 @@ ENCODER_PROJECTION = (64, 64, 64, 32)  # p per encoder stage (3.1)
 DECODER_PROJECTION = 64
 HEADS = 4
 FULL_RESOLUTION_FEATURES = 16
+# The transformer blocks' residual convs use batch norm, which in training refuses a single value per
+# channel. A bottleneck of one voxel gives exactly that whenever a process trains on one sample (a batch
+# split across GPUs), so the deepest stage must hold at least 2 voxels. The paper's patches all do (its
+# smallest bottleneck axis is ACDC's 2 through-plane voxels, section 3.6).
+MIN_BOTTLENECK_VOXELS = 2
 
 
 @dataclass(frozen=True)
@@ -329,13 +334,18 @@ def unetrpp_constraints(
     stage_strides: Sequence[Sequence[int]] | None = None,
     **_: Any,
 ) -> list[str]:
-    """3D; each axis divisible by stem x stage strides; ``p`` not above any stage's token count (3.6)."""
+    """3D; each axis divisible by stem x stage strides (3.6); a bottleneck of at least
+    ``MIN_BOTTLENECK_VOXELS`` voxels (batch norm in training)."""
     if dims != 3:
         return ["unetrpp is 3D only (the paper's network)"]
     stem, stages = map_topology(strides, dims, stem_stride, stage_strides)
     divisor = tuple(s * math.prod(st[a] for st in stages) for a, s in enumerate(stem))
     if any(p % d for p, d in zip(patch_size, divisor)):
         return [f"each axis must be divisible by stem {stem} x stage strides = {divisor}"]
+    bottleneck = stage_shapes(patch_size, stem, stages)[-1]
+    if math.prod(bottleneck) < MIN_BOTTLENECK_VOXELS:
+        return [f"the bottleneck {bottleneck} holds fewer than {MIN_BOTTLENECK_VOXELS} voxels (its batch norm "
+                "needs more than one value per channel); a larger patch is needed"]
     # A stage with fewer tokens than the paper's projection size p is allowed: p is capped at the token count
     # (projection_size), so small images (MSD Hippocampus, ~36x50x35) need not be padded to a huge patch.
     return []

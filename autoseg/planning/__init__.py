@@ -53,7 +53,7 @@ def _verify(raw: Path, num_workers: int) -> None:
 def plan_dataset(
     dataset: str | int,
     root: str | os.PathLike | None = None,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
     configurations: Sequence[str] | None = None,
     architectures: Sequence[str] | None = None,
     patch_size: Sequence[int] | None = None,
@@ -66,12 +66,20 @@ def plan_dataset(
     ``fingerprint.json``, ``plans.json`` and (once) ``splits.json``; then preprocess the default
     configurations unless ``preprocess=False``.
 
-    ``configurations``: base configurations to plan (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres);
+    ``gpu_memory_gb``: the GPU size to plan for (GiB); None: CUDA device 0's memory, or 8 without CUDA
+    (:func:`autoseg.device.gpu_memory_budget`). ``configurations``: base configurations to plan (2d,
+    3d_fullres, 3d_lowres, 3d_cascade_fullres);
     ``architectures``: registry names (default: all that apply); ``patch_size``: force the patch of every
     configuration with as many axes; ``show_summary``: print the table of configurations.
     """
+    from autoseg.device import gpu_memory_budget
     from autoseg.paths import resolve_dataset
 
+    gpu_memory_gb, budget_source = gpu_memory_budget(gpu_memory_gb)
+    if show_summary:
+        print(budget_source)  # part of the user-facing summary, before the slow fingerprint
+    else:
+        logger.info("%s", budget_source)
     location = resolve_dataset(dataset, root)
     if not location.raw.is_dir():
         raise DatasetError(

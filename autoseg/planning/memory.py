@@ -1,9 +1,10 @@
 """Training-memory estimate of a configuration, measured on the real network.
 
 ``training_memory_bytes`` = parameters + gradients + SGD momentum (fp32) + ``batch_size`` x the activations
-one sample keeps for the backward pass. Activations come from :func:`autoseg.networks.summary.activation_bytes`,
-which builds the network on PyTorch's ``meta`` device and records every tensor autograd saves during one
-forward pass: no arithmetic, no memory, and no per-architecture constants.
+one sample keeps for the backward pass. Activations come from :mod:`autoseg.networks.summary`, which builds
+the network on PyTorch's ``meta`` device and records every tensor autograd saves during one training step
+at a batch of 2 (the planner's smallest; a batch of 1 makes batch norm fail behind a one-voxel bottleneck),
+divided by 2: no arithmetic, no memory, and no per-architecture constants.
 
 One calibration turns a GPU size into a byte budget (``BUDGET_FRACTION``). What the saved tensors do not
 show (cuDNN workspaces, temporaries freed during the forward pass, the CUDA context, allocator
@@ -61,20 +62,18 @@ def _traced(
     import torch
 
     from autoseg.networks import build
-    from autoseg.networks.summary import activation_bytes, parameter_bytes
+    from autoseg.networks.summary import TRACE_BATCH, parameter_bytes, training_activation_bytes
 
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options}
-    activations = activation_bytes(
-        architecture, in_channels, num_classes, list(patch_size), 1,
-        [list(s) for s in strides], [list(k) for k in kernel_sizes], list(features),
-        dtype_bytes=ACTIVATION_DTYPE_BYTES, **kwargs,
-    )
     with torch.device("meta"):
         model = build(
             architecture, in_channels, num_classes, list(patch_size),
             [list(s) for s in strides], [list(k) for k in kernel_sizes], list(features), **kwargs,
         )
-    return int(activations), int(parameter_bytes(model, OPTIMIZER_STATES))
+    # a training step at the smallest batch the planner gives (2), per sample: batch-statistics layers
+    # see the batch they will see in training, and the bytes are linear in the batch
+    per_batch = training_activation_bytes(model, in_channels, patch_size, TRACE_BATCH, ACTIVATION_DTYPE_BYTES)
+    return int(round(per_batch / TRACE_BATCH)), int(parameter_bytes(model, OPTIMIZER_STATES))
 
 
 def memory_components(

@@ -126,6 +126,9 @@ class Plans:
     # axis first (docs/planning.md, "The coarse axis"). None (plans written before the field) = identity.
     transpose_forward: list[int] | None = None
     transpose_backward: list[int] | None = None
+    # configurations the planner left out -> the one-line reason (an architecture whose constraints the
+    # dataset cannot meet). Optional, so plans written before it existed still load (same schema version).
+    skipped: dict[str, str] = field(default_factory=dict)
     schema_version: int = PLANS_SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -23,7 +23,37 @@ def test_unknown_name_lists_choices():
 def test_unet_divisor_and_adjust():
     assert patch_divisor("unet", STRIDES, 3) == (4, 8, 8)
     assert adjust_patch("unet", (41, 55, 50), STRIDES, 3) == (40, 56, 48)
-    assert adjust_patch("unet", (1, 1, 1), STRIDES, 3) == (4, 8, 8)
+    # one divisor (4, 8, 8) would leave a 1x1x1 bottleneck, which instance norm refuses: the smallest
+    # accepted patch holds two bottleneck voxels
+    assert adjust_patch("unet", (1, 1, 1), STRIDES, 3) == (8, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["unet", "unetpp"])
+def test_a_one_voxel_bottleneck_is_declared_and_really_fails(name):
+    problems = constraints(name, (4, 8, 8), 3, strides=STRIDES)
+    assert len(problems) == 1 and "bottleneck (1, 1, 1) holds fewer than 2 voxels" in problems[0]
+    assert constraints(name, (4, 8, 16), 3, strides=STRIDES) == []
+    # the declaration is not over-cautious: the network really cannot take that patch (its check is skipped)
+    network = get(name).builder(1, 2, (4, 8, 8), STRIDES, [[3, 3, 3]] * 4, [4, 8, 8, 8]).eval()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        network(torch.zeros(1, 1, 4, 8, 8))
+    network(torch.zeros(1, 1, 4, 8, 16))
+
+
+def test_constraint_options_keep_what_the_constraint_and_divisor_functions_read(monkeypatch):
+    import dataclasses
+
+    from autoseg.networks import constraint_options, registry
+
+    options = {"stem": 8, "windows": [4, 4, 4, 4], "size": "base"}
+    assert constraint_options("unet2022", options) == options  # its functions take **kwargs: all pass
+    strict = dataclasses.replace(
+        get("unet"), name="strict",
+        constraints=lambda patch_size, dims, strides=None, stem=4: [],
+        divisor=lambda strides, dims, stem=4, windows=None: (1,) * dims,
+    )
+    monkeypatch.setitem(registry._REGISTRY, "strict", strict)
+    assert constraint_options("strict", options) == {"stem": 8}  # read by both; size only by the builder
 
 
 def test_constraints_reject_with_clear_message():

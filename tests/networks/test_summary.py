@@ -1,9 +1,16 @@
 import time
 
+import pytest
 import torch
 
 from autoseg.networks import build
-from autoseg.networks.summary import activation_bytes, count_parameters, estimate_flops, parameter_bytes
+from autoseg.networks.summary import (
+    activation_bytes,
+    count_parameters,
+    estimate_flops,
+    parameter_bytes,
+    saved_activation_elements,
+)
 
 PLAN_3D = dict(
     patch_size=(40, 56, 48),
@@ -57,3 +64,15 @@ def test_activation_bytes_match_a_hand_count_for_one_stage():
 def test_parameter_bytes():
     conv = torch.nn.Conv2d(1, 1, 1)
     assert parameter_bytes(conv, optimizer_states=1) == 2 * 4 * 3
+
+
+def test_the_trace_is_a_training_step_at_batch_2_so_batch_norm_behind_one_voxel_runs():
+    # the planner's crash: batch norm in training on a 1x1x1 map refuses a batch of one sample
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.BatchNorm3d(4))
+    with pytest.raises(ValueError, match="batch of at least 2"):
+        saved_activation_elements(model, (1, 1, 1, 1, 1))
+    floats, others = saved_activation_elements(model, (2, 1, 1, 1, 1))
+    # conv input (2 x 1), conv output = norm input (2 x 4), the norm's running mean/var and batch mean/inverse
+    # std (4 each), the output the loss holds (2 x 4)
+    assert floats == 2 * 1 + 2 * 4 + 4 * 4 + 2 * 4 and others == 0

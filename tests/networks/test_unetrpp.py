@@ -82,9 +82,27 @@ def test_constraints_reject_invalid_patches():
     assert "3D only" in constraints("unetrpp", (64, 64), 2)[0]
     with pytest.raises(ConfigurationError, match=r"'unetrpp' cannot use patch \(60, 128, 128\).*divisible"):
         check_patch("unetrpp", (60, 128, 128), 3, stem_stride=(2, 4, 4))
-    # a small patch is accepted as it is: the projection size is capped at the token count instead
-    assert constraints("unetrpp", (16, 32, 32), 3, stem_stride=(2, 4, 4)) == []
-    assert adjust_patch("unetrpp", (16, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4)) == (16, 32, 32)
+    # a small patch is accepted as it is (the projection size is capped at the token count instead) as long as
+    # its bottleneck holds 2 voxels
+    assert constraints("unetrpp", (32, 32, 32), 3, stem_stride=(2, 4, 4)) == []
+    assert adjust_patch("unetrpp", (32, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4)) == (32, 32, 32)
+    # one bottleneck voxel is refused, and the nearest accepted patch given instead
+    assert "bottleneck (1, 1, 1) holds fewer than 2 voxels" in constraints(
+        "unetrpp", (16, 32, 32), 3, stem_stride=(2, 4, 4))[0]
+    assert adjust_patch("unetrpp", (16, 32, 32), IGNORED["strides"], 3, stem_stride=(2, 4, 4)) == (32, 32, 32)
+
+
+def test_a_one_voxel_bottleneck_really_fails_a_training_step_on_one_sample():
+    # why the constraint exists: DDP gives each of 2 GPUs one sample of a batch of 2, and batch norm in
+    # training refuses one value per channel (the network is built directly, past the registry's check)
+    from autoseg.networks.unetrpp import UNETRPlusPlus
+
+    stages = [(2, 2, 2)] * 3
+    one_voxel = UNETRPlusPlus(1, 2, (16, 32, 32), (2, 4, 4), stages, deep_supervision=False).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        one_voxel(torch.zeros(1, 1, 16, 32, 32))
+    two_voxels = UNETRPlusPlus(1, 2, (32, 32, 32), (2, 4, 4), stages, deep_supervision=False).train()
+    assert tuple(two_voxels(torch.zeros(1, 1, 32, 32, 32)).shape) == (1, 2, 32, 32, 32)
 
 
 def test_projection_is_capped_at_the_token_count_for_small_patches():
