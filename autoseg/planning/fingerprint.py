@@ -34,6 +34,7 @@ from autoseg.errors import DatasetError
 from autoseg.fileio import read_json, write_json
 from autoseg.io import read_image, read_segmentation
 from autoseg.planning.plans import IntensityStats
+from autoseg.workers import pool_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,10 @@ def extract_fingerprint(
         results = [fingerprint_case(*job) for job in tqdm(jobs, **bar)]
     else:
         workers = min(num_workers, len(jobs))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        initializer, initargs = pool_initializer()  # workers die with this process, even on kill -9
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=_pool_context(), initializer=initializer, initargs=initargs
+        ) as pool:
             # map keeps case order, so the output does not depend on scheduling
             results = list(tqdm(pool.map(_fingerprint_case_star, jobs), **bar))
     dims = {len(r.fingerprint.spacing) for r in results}
