@@ -41,3 +41,7 @@ class WriteError(AutosegError):
 
 class PredictionError(AutosegError):
     """One or more cases could not be predicted."""
+
+
+class BusyError(AutosegError):
+    """Another process is working on the same fold or dataset stage (autoseg.locks)."""
