@@ -43,8 +43,8 @@ from autoseg.errors import (
 )
 from autoseg.fileio import atomic_path, read_json, write_json
 from autoseg.locks import fold_lock
-from autoseg.paths import environment_summary, fold_folder, resolve_dataset
-from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
+from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans, validate_identifier
 from autoseg.preprocessing.store import list_stored_cases
 from autoseg.training import distributed
 from autoseg.training.budget import BudgetChoice, adapt_to_budget, training_threads
@@ -166,6 +166,10 @@ def fold_cases(preprocessed: Path, fold: int | str) -> tuple[list[str], list[str
     """(train ids, val ids) of ``fold``; "all" trains and validates on every case."""
     splits = _read_splits(preprocessed)
     fold = _parse_fold(fold, len(splits), preprocessed / "splits.json")
+    for index, split in enumerate(splits):  # case ids become file names in the store and in validation/
+        for part in ("train", "val"):
+            for case_id in split[part]:
+                validate_identifier(case_id, f"fold {index} {part} case id", preprocessed / "splits.json")
     if fold == "all":
         cases = sorted({c for s in splits for c in s["train"] + s["val"]})
         return cases, cases
@@ -184,7 +188,8 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
     config = plans.configuration(configuration, architecture)
     train_ids, val_ids = fold_cases(location.preprocessed, fold)
     fold = _parse_fold(fold, 10**9, location.preprocessed / "splits.json")
-    store = location.preprocessed / config.data_identifier
+    store = ensure_inside(location.preprocessed / config.data_identifier, location.preprocessed,
+                          "the preprocessed folder of the configuration")
     stored = set(list_stored_cases(store))
     missing = sorted(set(train_ids + val_ids) - stored)
     if missing:
