@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from autoseg.errors import CheckpointError, ConfigurationError, TrainingError
+from autoseg.errors import ConfigurationError, TrainingError
 from autoseg.fileio import read_json, write_json
 from autoseg.training.checkpoint import BEST, FINAL, LATEST, load_checkpoint
 
@@ -75,13 +75,10 @@ def read_run_options(folder: Path) -> RunOptions | None:
 
 def options_from_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The options stored in the checkpoint --continue will load, for fold folders trained before run.json
-    existed (None: no checkpoint; a broken one is reported when it is loaded)."""
+    existed (None: no checkpoint). A broken checkpoint raises CheckpointError: never a silent fresh start."""
     for name in (LATEST, FINAL):
         if (folder / name).is_file():
-            try:
-                metadata = load_checkpoint(folder / name)["metadata"]
-            except CheckpointError:
-                return None
+            metadata = load_checkpoint(folder / name)["metadata"]
             return {"epochs": metadata.get("epochs"), "iterations_per_epoch": metadata.get("iterations_per_epoch"),
                     "time_budget_s": metadata.get("time_budget_s"), "seed": metadata.get("seed"),
                     "selfreg": metadata.get("selfreg")}

@@ -74,7 +74,16 @@ from autoseg.training.cascade import (
 from autoseg.training.data import PatchSampler
 from autoseg.training.loader import BatchLoader
 from autoseg.training.losses import deep_supervision_loss, deep_supervision_weights
-from autoseg.training.progress import Curves, append_log, epoch_line, plot_progress, write_curves
+from autoseg.training.progress import (
+    Curves,
+    append_log,
+    duration_warning,
+    epoch_line,
+    iteration_bar,
+    plot_progress,
+    print_epoch_line,
+    write_curves,
+)
 from autoseg.training.run import (
     DEFAULT_SEED,
     RUN_FILE,
@@ -590,7 +599,9 @@ def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output
     last_save = time.monotonic()
     stop_reason = None
     stop = _StopRequest()
+    bar = None
     last_step_s = 0.0
+    session_steps, timing_start = 0, 0.0  # for the duration estimate of a long CPU run
 
     def elapsed() -> float:
         return state.elapsed_s + (time.monotonic() - session_start)
@@ -635,6 +646,7 @@ def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output
             model.train()
             lr = INITIAL_LR
             done = first_iteration
+            bar = iteration_bar(epoch, total_epochs, iterations, first_iteration, context.is_main)
             for iteration in range(first_iteration, iterations):
                 # iteration boundary: a signal saves and stops here; and checkpoint_latest every few minutes
                 stopping = distributed.broadcast_flag(stop.signum is not None, context, torch_device) \
@@ -665,6 +677,17 @@ def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output
                 done += 1
                 state.iterations_done += 1
                 last_step_s = time.monotonic() - step_start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                session_steps += 1
+                if session_steps == 1:  # the first step warms up (allocator, oneDNN caches): time the next 3
+                    timing_start = time.monotonic()
+                elif session_steps == 4 and torch_device.type == "cpu" and not budget_s and total_epochs:
+                    warning = duration_warning((time.monotonic() - timing_start) / 3,
+                                               total_epochs * iterations - state.iterations_done)
+                    if warning:
+                        say(warning)
+            bar.close()
             if not done:  # the budget ended before this epoch's first step
                 break
             val_loss, dice = _validate_epoch(model, val_sampler, val_transforms,
@@ -702,6 +725,8 @@ def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output
         ) from exc
     finally:
         stop.__exit__()
+        if bar is not None:
+            bar.close()
         train_loader.close()
 
     if stop_reason:
@@ -875,7 +900,7 @@ def _after_epoch(output, state, network, optimizer, plans, config, fold, dataset
         eta = format_duration(float(np.mean(recent)) * (epochs - state.epoch))
     else:
         eta = "?"
-    say(epoch_line(state.epoch, epochs, curves, class_names, eta))
+    print_epoch_line(epoch_line(state.epoch, epochs, curves, class_names, eta), output / "log.txt")
     write_curves(curves, output / "training_log.json")
     try:
         plot_progress(curves, output / "progress.png", class_names)

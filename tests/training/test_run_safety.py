@@ -167,3 +167,21 @@ def test_case_id_with_a_path_in_splits_is_refused(tiny):
     path.write_text(json.dumps(splits))
     with pytest.raises(ConfigurationError, match=r"splits.json: fold 0 val case id '../../../outside' is not a valid"):
         train(DATASET, "2d", 0, root=tiny, **SHORT, **FAST)
+
+
+def test_epoch_summary_goes_to_stdout(tiny, capsys):
+    """Issue 18.10: every line went to stderr; the per-epoch summary is the command's output (stdout)."""
+    train(DATASET, "2d", 0, root=tiny, epochs=2, iterations_per_epoch=1, **FAST)
+    captured = capsys.readouterr()
+    assert [line.split("  ")[0] for line in captured.out.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    assert "epoch 1/2" not in captured.err  # not a TTY: no progress bar either
+    assert (fold_path(tiny) / "log.txt").read_text().count("epoch 2/2  train") == 1
+
+
+def test_long_cpu_run_duration_warning():
+    from autoseg.training.progress import duration_warning
+
+    assert duration_warning(2.6, 1000 * 250) == ("at 2.6 s/iteration this run takes ~7.5 days on CPU; use "
+                                                 "--time-budget 12h or a GPU")
+    assert duration_warning(2.6, 5000) == "at 2.6 s/iteration this run takes ~3.6 hours on CPU; use --time-budget 12h or a GPU"
+    assert duration_warning(0.5, 100) is None  # under an hour: nothing to warn about
