@@ -79,9 +79,11 @@ def options_from_checkpoint(folder: Path) -> dict[str, Any] | None:
     for name in (LATEST, FINAL):
         if (folder / name).is_file():
             metadata = load_checkpoint(folder / name)["metadata"]
-            return {"epochs": metadata.get("epochs"), "iterations_per_epoch": metadata.get("iterations_per_epoch"),
-                    "time_budget_s": metadata.get("time_budget_s"), "seed": metadata.get("seed"),
-                    "selfreg": metadata.get("selfreg")}
+            budget = metadata.get("time_budget_s")
+            # under a budget the stored epoch length is the budget's choice (kept in the checkpoint), not an option
+            iterations = None if budget else metadata.get("iterations_per_epoch")
+            return {"epochs": metadata.get("epochs"), "iterations_per_epoch": iterations, "time_budget_s": budget,
+                    "seed": metadata.get("seed"), "selfreg": metadata.get("selfreg")}
     return None
 
 
@@ -101,7 +103,7 @@ def merge_for_continue(saved: dict[str, Any], given: dict[str, Any], source: Pat
     Returns (options, notes on what was taken from the run or changed)."""
     merged, kept, changed = dict(given), [], []
     for key in FIXED:
-        if given.get(key) is not None and saved.get(key) is not None and given[key] != saved[key]:
+        if given.get(key) is not None and given[key] != saved.get(key):
             raise ConfigurationError(
                 f"{source}: {FLAGS[key]} {given[key]} differs from the run being continued ({FLAGS[key]} "
                 f"{saved[key]}); drop {FLAGS[key]} to continue that run, or use --force to start a new one"
@@ -115,7 +117,7 @@ def merge_for_continue(saved: dict[str, Any], given: dict[str, Any], source: Pat
             changed.append(f"{FLAGS[key]} {given[key]} (the run had {saved[key]})")
     notes = []
     if kept:
-        notes.append(f"--continue: keeping the options of the interrupted run ({', '.join(kept)})")
+        notes.append(f"--continue: keeping the run's options ({', '.join(kept)})")
     if changed:
         notes.append(f"--continue: extending the run with {', '.join(changed)}")
     return merged, notes

@@ -98,7 +98,7 @@ def test_resume_with_workers_gives_identical_weights(tmp_path, uninterrupted):
     # --continue without repeating any option resumes the interrupted run (run.json), here with its 2 workers
     resumed_folder = train(DATASET, "2d", 1, root=tmp_path, continue_training=True, validate=False, device="cpu",
                            validation_iterations=2)
-    assert "keeping the options of the interrupted run (--iters-per-epoch 3, --seed 7, --epochs 4)" in (
+    assert "keeping the run's options (--iters-per-epoch 3, --seed 7, --epochs 4)" in (
         resumed_folder / "log.txt"
     ).read_text()
     assert json.loads((folder / "run.json").read_text())["num_workers"] == 2
