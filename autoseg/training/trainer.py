@@ -368,7 +368,7 @@ def train(
                  lambda: notes.extend(_prepare_folder(output, run, continue_training, resuming, force, command)))
         try:
             return _train_fold(
-                location, plans, config, fold, train_ids, val_ids, store, output, run, notes, resuming, command,
+                location, plans, config, fold, train_ids, val_ids, store, output, run, notes, command,
                 torch_device, context, session_start, continue_training and resuming, compile_network, validate,
                 checkpoint_every, checkpoint_interval_s, validation_iterations, on_epoch_end,
             )
@@ -471,8 +471,8 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output, run: RunOptions, notes, resuming,
-                command, torch_device, context, session_start, load_checkpoint_state, compile_network, validate,
+def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output, run: RunOptions, notes, command,
+                torch_device, context, session_start, load_checkpoint_state, compile_network, validate,
                 checkpoint_every, checkpoint_interval_s, validation_iterations, on_epoch_end) -> Path:
     """The run itself, inside the fold lock, with run.json written."""
     arch = config.architecture.name

@@ -185,3 +185,48 @@ def test_long_cpu_run_duration_warning():
                                                  "--time-budget 12h or a GPU")
     assert duration_warning(2.6, 5000) == "at 2.6 s/iteration this run takes ~3.6 hours on CPU; use --time-budget 12h or a GPU"
     assert duration_warning(0.5, 100) is None  # under an hour: nothing to warn about
+
+
+def test_cli_exit_code_and_options_of_an_interrupted_train(monkeypatch, capsys):
+    """The CLI passes --force and leaves --seed/--selfreg unset (so --continue can take the run's), and an
+    interrupted training exits like the signal (143 for SIGTERM) with its resume line, not 'error:'."""
+    import autoseg.training
+    from autoseg.cli import main
+
+    seen = {}
+
+    def fake_train(*args, **kwargs):
+        seen.update(kwargs)
+        raise TrainingInterrupted("fold_0: SIGTERM at epoch 1 iteration 2; checkpoint_latest.pt is saved: resume "
+                                  "with `autoseg train D 2d 0 --continue`", 143)
+
+    monkeypatch.setattr(autoseg.training, "train", fake_train, raising=False)
+    assert main(["train", "D", "2d", "0", "--force"]) == 143
+    assert seen["force"] is True and seen["seed"] is None and seen["selfreg"] is None
+    err = capsys.readouterr().err
+    assert err.startswith("autoseg train: fold_0: SIGTERM at epoch 1") and "error:" not in err
+
+
+def test_sigterm_to_the_command_saves_and_exits_143(tiny):
+    """Issue 18.5b end to end: `autoseg train` killed by a scheduler's SIGTERM saves checkpoint_latest.pt,
+    exits 143 and prints the resume command (the signal is sent once epoch 1 is printed, so it lands in the
+    loop; 1000 epochs cannot finish first)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "autoseg", "train", DATASET, "2d", "0", "--root", str(tiny), "--device", "cpu",
+               "--epochs", "1000", "--iters-per-epoch", "2", "-np", "0", "--no-validation"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("epoch 1/1000"), line + process.stderr.read()
+        process.terminate()  # SIGTERM
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("autoseg train: ") and "SIGTERM at epoch" in last
+    assert last.endswith(f"checkpoint_latest.pt is saved: resume with `autoseg train {DATASET} 2d 0 --root {tiny} "
+                         "--continue`")
+    metadata = load_checkpoint(fold_path(tiny) / "checkpoint_latest.pt")["metadata"]
+    assert metadata["epoch"] >= 1 and json.loads((fold_path(tiny) / "run.json").read_text())["epochs"] == 1000
