@@ -96,6 +96,19 @@ FLAGS = {"epochs": "--epochs", "time_budget_s": "--time-budget", "num_workers": 
          "--iters-per-epoch", "seed": "--seed", "selfreg": "--selfreg", "pretrained": "--pretrained"}
 
 
+def _show(key: str, value: Any) -> str:
+    """An option as it is written on the command line: ``--seed 7``, ``--time-budget 2h00m00s``, ``--selfreg``."""
+    if value is None or value is False:
+        return f"no {FLAGS[key]}"
+    if value is True:
+        return FLAGS[key]
+    if key == "time_budget_s":
+        from autoseg.training.schedule import format_duration
+
+        return f"{FLAGS[key]} {format_duration(value)}"
+    return f"{FLAGS[key]} {value}"
+
+
 def merge_for_continue(saved: dict[str, Any], given: dict[str, Any], source: Path) -> tuple[dict[str, Any], list[str]]:
     """The options of a resumed run: ``saved`` (run.json or checkpoint) completed by ``given`` (the command
     line; None = not given). A given ``--epochs``/``--time-budget`` wins (extending a run), ``-np`` is free;
@@ -105,16 +118,16 @@ def merge_for_continue(saved: dict[str, Any], given: dict[str, Any], source: Pat
     for key in FIXED:
         if given.get(key) is not None and given[key] != saved.get(key):
             raise ConfigurationError(
-                f"{source}: {FLAGS[key]} {given[key]} differs from the run being continued ({FLAGS[key]} "
-                f"{saved[key]}); drop {FLAGS[key]} to continue that run, or use --force to start a new one"
+                f"{source}: {_show(key, given[key])} differs from the run being continued ({_show(key, saved.get(key))}); "
+                f"drop {FLAGS[key]} to continue that run, or use --force to start a new one"
             )
     for key in (*FIXED, *EXTENDABLE, *FREE):
         if given.get(key) is None and saved.get(key) is not None:
             merged[key] = saved[key]
             if key not in FREE and saved[key] is not False:
-                kept.append(f"{FLAGS[key]} {saved[key]}" if saved[key] is not True else FLAGS[key])
-        elif key in EXTENDABLE and given.get(key) is not None and saved.get(key) not in (None, given[key]):
-            changed.append(f"{FLAGS[key]} {given[key]} (the run had {saved[key]})")
+                kept.append(_show(key, saved[key]))
+        elif key in EXTENDABLE and given.get(key) is not None and saved.get(key) != given[key]:
+            changed.append(f"{_show(key, given[key])} (the run had {_show(key, saved.get(key))})")
     notes = []
     if kept:
         notes.append(f"--continue: keeping the run's options ({', '.join(kept)})")

@@ -97,7 +97,7 @@ def test_continue_may_extend_the_schedule(tiny):
     train(DATASET, "2d", 0, root=tiny, **SHORT, **FAST)
     train(DATASET, "2d", 0, root=tiny, epochs=2, continue_training=True, **FAST)
     folder = fold_path(tiny)
-    assert "extending the run with --epochs 2 (the run had 1)" in (folder / "log.txt").read_text()
+    assert "extending the run with --epochs 2 (the run had --epochs 1)" in (folder / "log.txt").read_text()
     assert load_checkpoint(folder / "checkpoint_final.pt")["metadata"]["epoch"] == 2
     assert json.loads((folder / "run.json").read_text())["epochs"] == 2
 
