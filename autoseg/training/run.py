@@ -147,8 +147,9 @@ def run_files(folder: Path) -> list[str]:
 
 
 def refuse_mixing_runs(folder: Path, command: str) -> None:
-    """Without --continue or --force, a folder holding an earlier run is an error: a new run would replace
-    its checkpoints one by one, append to its log and leave its validation/ beside other weights."""
+    """Without --continue or --force, a folder holding an earlier run's checkpoints is an error: a new run
+    would replace them one by one, append to its log and leave its validation/ beside other weights. (An
+    earlier start that saved no checkpoint at all is only cleared away by the caller: nothing of value.)"""
     force = "or --force to start over (deletes that run's checkpoints, logs and validation/)"
     if (folder / FINAL).is_file():
         raise TrainingError(
@@ -160,11 +161,10 @@ def refuse_mixing_runs(folder: Path, command: str) -> None:
             f"{folder / LATEST}: {folder.name} has an interrupted run ({LATEST}, {_when(folder / LATEST)}); "
             f"add --continue to resume it (`{command} --continue`), {force}"
         )
-    found = run_files(folder)
-    if found:
+    if (folder / BEST).is_file():  # e.g. killed before its first checkpoint_latest.pt: its best weights stay
         raise TrainingError(
-            f"{folder}: {folder.name} holds files of an earlier run that saved no resumable checkpoint "
-            f"({', '.join(found)}); add --continue to restart that run with its options, {force}"
+            f"{folder / BEST}: {folder.name} holds an earlier run that saved only {BEST} "
+            f"({_when(folder / BEST)}); add --continue to restart that run with its options, {force}"
         )
 
 

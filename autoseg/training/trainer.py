@@ -416,12 +416,13 @@ def _prepare_folder(output: Path, run: RunOptions, continue_training: bool, resu
     """Refuse to mix two runs in one folder, or clear the earlier run (--force, or a --continue with nothing
     to resume); then write run.json. Returns messages for the log."""
     notes = []
-    if force or (continue_training and not resuming):
+    if not force and not continue_training:
+        refuse_mixing_runs(output, command)  # a run with checkpoints is never replaced silently
+    if not resuming:
         removed = remove_run(output)
         if removed:
-            notes.append(f"{'--force' if force else '--continue'}: removed the earlier run's {', '.join(removed)}")
-    elif not continue_training:
-        refuse_mixing_runs(output, command)
+            why = "--force" if force else "--continue" if continue_training else "no checkpoint was saved"
+            notes.append(f"{why}: removed the earlier run's {', '.join(removed)}")
     if resuming:
         previous = read_run_options(output)
         if previous is not None:

@@ -88,6 +88,23 @@ def test_continue_before_any_checkpoint_restarts_the_run_with_its_options(tiny):
     assert (metadata["epoch"], metadata["iterations_per_epoch"], metadata["seed"]) == (3, 2, 5)
 
 
+def test_earlier_start_without_checkpoints_is_cleared_not_mixed(tiny):
+    def stop(epoch, curves):
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(DATASET, "2d", 0, root=tiny, **SHORT, **FAST, checkpoint_every=100, on_epoch_end=stop)
+    folder = fold_path(tiny)
+    with pytest.raises(TrainingError, match=r"fold_0 holds an earlier run that saved only checkpoint_best.pt \("):
+        train(DATASET, "2d", 0, root=tiny, **SHORT, **FAST)
+    (folder / "checkpoint_best.pt").unlink()  # now: run.json, log.txt, ... and no checkpoint at all
+    train(DATASET, "2d", 0, root=tiny, epochs=2, iterations_per_epoch=1, **FAST)
+    log_text = (folder / "log.txt").read_text()
+    assert "no checkpoint was saved: removed the earlier run's log.txt, training_log.json" in log_text
+    assert starts(folder) == 1
+    assert json.loads((folder / "run.json").read_text())["epochs"] == 2
+
+
 def test_continue_with_nothing_to_resume_says_so(tiny):
     train(DATASET, "2d", 0, root=tiny, **SHORT, **FAST, continue_training=True)
     assert "--continue: nothing to resume in" in (fold_path(tiny) / "log.txt").read_text()
