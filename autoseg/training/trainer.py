@@ -439,7 +439,7 @@ def _interrupted(output: Path, command: str, what: str, signum: int) -> Training
             return TrainingInterrupted(
                 f"{output}: {what}; {name} is saved: resume with `{command} --continue`", 128 + int(signum))
     return TrainingInterrupted(
-        f"{output}: {what} before any checkpoint was saved; run `{command} --continue` to start that run again "
+        f"{output}: {what} before a resumable checkpoint was saved; run `{command} --continue` to start that run again "
         f"with its options ({RUN_FILE})", 128 + int(signum))
 
 

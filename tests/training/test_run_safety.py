@@ -72,7 +72,7 @@ def test_continue_before_any_checkpoint_restarts_the_run_with_its_options(tiny):
         train(DATASET, "2d", 0, root=tiny, epochs=3, iterations_per_epoch=2, seed=5, **FAST,
               checkpoint_every=100, on_epoch_end=stop)
     message = str(interrupted.value)
-    assert "before any checkpoint was saved" in message and "is saved" not in message
+    assert "before a resumable checkpoint was saved" in message and "is saved" not in message
     folder = fold_path(tiny)
     assert not (folder / "checkpoint_latest.pt").exists() and (folder / "checkpoint_best.pt").exists()
     run = json.loads((folder / "run.json").read_text())
