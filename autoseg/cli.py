@@ -108,6 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         num_workers=args.num_workers,
         validate=not args.no_validation,
+        force=args.force,
     )
     return 0
 
@@ -274,12 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default from the plan: 1000)")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="training iterations per epoch (default 250)")
     p.add_argument("--time-budget", default=None, help="train for this wall-clock time, e.g. 20m, 1h30m, 23h")
-    p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from checkpoint_latest.pt")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume the fold's run from checkpoint_latest.pt with the options it was started with (run.json)")
+    p.add_argument("--force", action="store_true", help="start over on a fold that holds an earlier run: deletes that "
+                   "run's checkpoints, logs and validation/ first")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--selfreg", action="store_true", help="add SelfReg self-regularisation losses")
+    p.add_argument("--selfreg", action="store_true", default=None, help="add SelfReg self-regularisation losses")
     p.add_argument("--pretrained", default=None, help="initialise weights from this checkpoint")
-    p.add_argument("--seed", type=int, default=12345, help="random seed")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 12345; --continue: the run's)")
     p.add_argument("-np", "--num-workers", type=int, default=None,
                    help="data loader worker processes (default: 2; 0 loads batches in the training process)")
     p.add_argument("--no-validation", action="store_true", help="skip the final validation prediction")
@@ -353,10 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 RESUME_DEFAULT = "rerun the same command: finished work is kept and partial outputs are redone"
-RESUME_HINTS = {
-    "train": "add --continue to the same command to resume from checkpoint_latest.pt (without it the fold "
-    "starts again from scratch)",
-}
+# `train` handles its own interruptions (a saved checkpoint and the resume command, autoseg.training.trainer)
+RESUME_HINTS: dict[str, str] = {}
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -384,8 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutosegError as exc:
         if args.debug:
             raise
-        print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        code = getattr(exc, "exit_code", 1)  # an interrupted training exits like the signal that stopped it
+        print(f"autoseg {args.command}: {'error: ' if code == 1 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"autoseg {args.command}: interrupted; {RESUME_HINTS.get(args.command, RESUME_DEFAULT)}", file=sys.stderr)
         return 130

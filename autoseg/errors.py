@@ -41,3 +41,16 @@ class WriteError(AutosegError):
 
 class PredictionError(AutosegError):
     """One or more cases could not be predicted."""
+
+
+class BusyError(AutosegError):
+    """Another process is working on the same fold or dataset stage (autoseg.locks)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGINT/SIGTERM (Ctrl-C, a cluster's pre-emption); the message says how to resume.
+    ``exit_code`` is the shell's convention for death by that signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

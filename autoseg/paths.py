@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoseg.errors import DatasetError
+from autoseg.errors import ConfigurationError, DatasetError
 
 ENV_HOME = "AUTOSEG_HOME"
 ENV_NNUNET_RAW = "nnUNet_raw"
@@ -145,4 +145,20 @@ def results_folder(location: DatasetLocation, configuration: str, architecture: 
 
 
 def fold_folder(location: DatasetLocation, configuration: str, architecture: str, fold: int | str) -> Path:
-    return results_folder(location, configuration, architecture) / f"fold_{fold}"
+    return ensure_inside(results_folder(location, configuration, architecture) / f"fold_{fold}", location.results,
+                         "the fold folder")
+
+
+def ensure_inside(path: str | os.PathLike, parent: str | os.PathLike, what: str) -> Path:
+    """``path`` when it lies inside ``parent`` once ``..`` is collapsed, else a ConfigurationError: a computed
+    output path (from plans.json names, case ids, options) must never reach outside the data root, where a
+    stage would write or delete someone else's files. The test is on the names, not on symbolic links, so a
+    results folder linked to another disk stays usable."""
+    path, parent = Path(path), Path(parent)
+    resolved, base = Path(os.path.normpath(os.path.abspath(path))), Path(os.path.normpath(os.path.abspath(parent)))
+    if resolved != base and base not in resolved.parents:
+        raise ConfigurationError(
+            f"{path}: {what} would be outside {parent} (it resolves to {resolved}); a name in plans.json, "
+            "splits.json or an option contains a path; use plain names (letters, digits, _ - . +)"
+        )
+    return path

@@ -90,3 +90,27 @@ def test_folder_name_helpers() -> None:
     assert parse_dataset_folder_name("Task04_Hippocampus") is None
     with pytest.raises(DatasetError, match="outside 0-999"):
         dataset_folder_name(1000, "Big")
+
+
+def test_ensure_inside_refuses_paths_that_leave_the_parent(tmp_path):
+    """Issue 18.6: names from plans.json were joined onto the data root unchecked; '..' or an absolute name
+    left it."""
+    from autoseg.errors import ConfigurationError
+    from autoseg.paths import ensure_inside
+
+    results = tmp_path / "results" / "Dataset001_X"
+    assert ensure_inside(results / "2d__unet" / "fold_0", results, "the fold folder") == results / "2d__unet" / "fold_0"
+    assert ensure_inside(results / "a..b", results, "x") == results / "a..b"  # dots inside a name are fine
+    for escaping in (results / ".." / ".." / "escape", results / "/etc", results / "2d" / ".." / ".."):
+        with pytest.raises(ConfigurationError, match="would be outside"):
+            ensure_inside(escaping, results, "the fold folder")
+    location = _location(tmp_path)
+    with pytest.raises(ConfigurationError, match="the fold folder would be outside"):
+        fold_folder(location, "../../../escape", "unet", 0)
+
+
+def _location(root):
+    from autoseg.paths import DatasetLocation
+
+    name = "Dataset001_X"
+    return DatasetLocation(name, root / "raw" / name, root / "preprocessed" / name, root / "results" / name)

@@ -12,6 +12,7 @@ whose slices keep their own out-of-plane spacing. Configurations work in the *tr
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,38 @@ NORM_NONE = "none"
 NORM_RESCALE = "rescale_0_1"  # min-max per image
 NORM_RGB = "rgb_0_1"  # divide by 255
 NORMALIZATION_SCHEMES = (NORM_CT, NORM_ZSCORE, NORM_NONE, NORM_RESCALE, NORM_RGB)
+
+# Names read from JSON that become parts of paths (configuration names, data_identifier, architecture names,
+# dataset names, case ids): one path component, never a separator, never "." or "..", so a hand-edited or
+# foreign plans.json cannot make a stage write or delete outside the data root.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9_.+-]+$")
+IDENTIFIER_RULE = "letters, digits, _ - . + only (no path separators, not '.' or '..')"
+
+
+def validate_identifier(value: Any, field_name: str, source: str | os.PathLike) -> str:
+    """``value`` when it is a safe path component, else a ConfigurationError naming ``source`` (the JSON
+    file), the field and the value."""
+    if not isinstance(value, str) or not IDENTIFIER.match(value) or value in (".", ".."):
+        raise ConfigurationError(
+            f"{source}: {field_name} {value!r} is not a valid name: expected {IDENTIFIER_RULE}; fix the file or "
+            "re-run `autoseg plan`"
+        )
+    return value
+
+
+def validate_plans_identifiers(plans: "Plans", source: str | os.PathLike) -> None:
+    """Every name in ``plans`` that a stage turns into a path (see IDENTIFIER)."""
+    validate_identifier(plans.dataset_name, "dataset_name", source)
+    for key, config in plans.configurations.items():
+        validate_identifier(key, "configuration name", source)
+        where = f"configurations[{key!r}]"
+        validate_identifier(config.name, f"{where}.name", source)
+        validate_identifier(config.data_identifier, f"{where}.data_identifier", source)
+        validate_identifier(config.architecture.name, f"{where}.architecture.name", source)
+        if config.previous_stage is not None:
+            validate_identifier(config.previous_stage, f"{where}.previous_stage", source)
+    for name in plans.default_configurations:
+        validate_identifier(name, "default_configurations entry", source)
 
 
 @dataclass
@@ -211,6 +244,8 @@ def load_plans(path: str | os.PathLike) -> Plans:
             f"{path}: no plans found; run `autoseg plan {path.parent.name}` first"
         )
     try:
-        return Plans.from_json(read_json(path))
+        plans = Plans.from_json(read_json(path))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(f"{path}: not a valid autoseg plans file ({exc}); re-run `autoseg plan`") from exc
+    validate_plans_identifiers(plans, path)
+    return plans

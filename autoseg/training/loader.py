@@ -1,15 +1,21 @@
 """Batches for the training loop: sampler + augmentation, in worker processes or in-process.
 
-``num_workers > 0`` uses a torch ``DataLoader`` over an endless iterable: each worker samples and augments
-whole batches, blocking on a queue (no busy waiting), memory pinned when training on CUDA so the copy to the
-GPU overlaps compute. ``num_workers = 0`` runs everything in the calling process, deterministically from
-the numpy generator passed to :meth:`BatchLoader.reseed` (used by tests and by bit-exact resume).
+Every batch is a pure function of (base seed, iteration): the sampler draws from a numpy Generator and the
+augmentation (batchgenerators draws from numpy's and Python's global generators) from global states seeded
+from ``SeedSequence([*base, iteration])``. So the batch of iteration k is the same with 0, 2 or 8 workers and
+after any resume, which starts the loader at the iteration it stopped at. Seeding costs a few microseconds per
+batch (a Generator and an MT19937 seeded from a SeedSequence); a batch takes milliseconds to seconds.
+
+``num_workers > 0`` uses a torch ``DataLoader`` over an endless iterable: worker w of W makes the batches of
+iterations start + w, start + w + W, ..., and the DataLoader returns workers' batches round-robin, i.e. in
+iteration order. Workers block on a queue (no busy waiting); memory is pinned when training on CUDA so the
+copy to the GPU overlaps compute. ``num_workers = 0`` makes the same batches in the calling process.
 """
 from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,76 +35,94 @@ def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_batch(sampler: PatchSampler, transforms: Any, rng: np.random.Generator, batch_size: int | None = None) -> dict:
-    """One augmented batch as torch tensors: ``data [B, C, *P]`` float32, ``target`` list of ``[B, 1, *P_i]``."""
+    """One augmented batch as torch tensors: ``data [B, C, *P]`` float32, ``target`` list of ``[B, 1, *P_i]``.
+    The augmentation draws from numpy's global generator as it is (see :func:`batch_for_iteration`)."""
     return _to_torch(transforms(**sampler.sample_batch(rng, batch_size)))
 
 
+def _as_entropy(seed: int | Sequence[int]) -> list[int]:
+    return [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+
+
+def batch_for_iteration(sampler: PatchSampler, transforms: Any, seed: int | Sequence[int], iteration: int,
+                        batch_size: int | None = None) -> dict:
+    """The batch of training iteration ``iteration`` (counted over the whole run) of the run seeded ``seed``
+    (an int, or ints such as (seed, rank)): the same in any process, whatever happened before."""
+    sampling, augmenting = np.random.SeedSequence([*_as_entropy(seed), int(iteration)]).spawn(2)
+    state = augmenting.generate_state(4)
+    np.random.seed(state)
+    random.seed(int(state[0]))
+    return make_batch(sampler, transforms, np.random.default_rng(sampling), batch_size)
+
+
 class _EndlessBatches(IterableDataset):
-    def __init__(self, sampler: PatchSampler, transforms: Any, seed: int, batch_size: int | None) -> None:
-        self.sampler, self.transforms, self.seed, self.batch_size = sampler, transforms, seed, batch_size
+    def __init__(self, sampler: PatchSampler, transforms: Any, seed: list[int], start: int,
+                 batch_size: int | None) -> None:
+        self.sampler, self.transforms, self.seed, self.start = sampler, transforms, seed, start
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        rng = np.random.default_rng([self.seed, worker])
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        iteration = self.start + worker
         while True:
-            yield make_batch(self.sampler, self.transforms, rng, self.batch_size)
+            yield batch_for_iteration(self.sampler, self.transforms, self.seed, iteration, self.batch_size)
+            iteration += workers
 
 
 def _init_worker(worker_id: int) -> None:
-    # batchgenerators draws from numpy's global generator: give each worker its own stream; one torch
-    # thread per worker so workers do not fight the training process for cores
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    # one torch thread per worker so workers do not fight the training process for cores
     torch.set_num_threads(1)
 
 
 class BatchLoader:
-    """Endless iterator of batches. ``next(loader)`` -> ``{"data", "target", "keys"}``."""
+    """Endless iterator of batches. The n-th ``next(loader)`` (from 0) returns the batch of iteration
+    ``start_iteration + n``: ``{"data", "target", "keys"}``."""
 
     def __init__(
         self,
         sampler: PatchSampler,
         transforms: Any,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         pin_memory: bool = False,
         batch_size: int | None = None,
+        start_iteration: int = 0,
     ) -> None:
         self.sampler = sampler
         self.transforms = transforms
         self.num_workers = int(num_workers)
         self.batch_size = batch_size
-        self._rng = np.random.default_rng(seed)
+        self.seed = _as_entropy(seed)
+        self.next_iteration = int(start_iteration)
         self._iterator: Iterator[dict] | None = None
         if self.num_workers > 0:
-            generator = torch.Generator()
-            generator.manual_seed(int(seed))
             self._loader = DataLoader(
-                _EndlessBatches(sampler, transforms, seed, batch_size),
+                _EndlessBatches(sampler, transforms, self.seed, self.next_iteration, batch_size),
                 batch_size=None,
                 num_workers=self.num_workers,
                 pin_memory=pin_memory,
                 persistent_workers=True,
                 prefetch_factor=2,
                 worker_init_fn=_init_worker,
-                generator=generator,
+                # its own generator: starting the workers must not draw from the training process's torch RNG
+                # (the training step's stream), or a resumed run would differ from an uninterrupted one
+                generator=torch.Generator().manual_seed(0),
             )
-
-    def reseed(self, rng: np.random.Generator) -> None:
-        """In-process mode: draw the next batches from ``rng`` (workers keep their own streams)."""
-        self._rng = rng
 
     def __iter__(self) -> "BatchLoader":
         return self
 
     def __next__(self) -> dict:
         if self.num_workers == 0:
-            return make_batch(self.sampler, self.transforms, self._rng, self.batch_size)
-        if self._iterator is None:
-            self._iterator = iter(self._loader)
-        return next(self._iterator)
+            batch = batch_for_iteration(self.sampler, self.transforms, self.seed, self.next_iteration,
+                                        self.batch_size)
+        else:
+            if self._iterator is None:
+                self._iterator = iter(self._loader)
+            batch = next(self._iterator)
+        self.next_iteration += 1
+        return batch
 
     def close(self) -> None:
         """Stop the worker processes."""

@@ -6,6 +6,9 @@ distributed. Defaults of the nnU-Net method (shared/reference/nnunet.md, "Traini
 supervision, gradient norm clipped at 12, AMP on CUDA, checkpoint_latest every 50 epochs, checkpoint_best by
 the EMA (0.9/0.1) of the mean pseudo-Dice of the validation batches, checkpoint_final, then a sliding-window
 prediction of the fold's validation cases. docs/training.md explains every option.
+
+One run per fold folder at a time: a lock (autoseg.locks) refuses a second process, run.json (run.py) keeps the
+options a --continue resumes, and SIGINT/SIGTERM save checkpoint_latest.pt at the next iteration boundary.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +33,18 @@ import torch
 from torch import nn
 
 from autoseg.device import amp_dtype, choose_device, configure_threads
-from autoseg.errors import CheckpointError, ConfigurationError, PreprocessingError, TrainingError
+from autoseg.errors import (
+    AutosegError,
+    CheckpointError,
+    ConfigurationError,
+    PreprocessingError,
+    TrainingError,
+    TrainingInterrupted,
+)
 from autoseg.fileio import atomic_path, read_json, write_json
-from autoseg.paths import environment_summary, fold_folder, resolve_dataset
-from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.locks import fold_lock
+from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
+from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans, validate_identifier
 from autoseg.preprocessing.store import list_stored_cases
 from autoseg.training import distributed
 from autoseg.training.budget import BudgetChoice, adapt_to_budget, training_threads
@@ -61,7 +74,28 @@ from autoseg.training.cascade import (
 from autoseg.training.data import PatchSampler
 from autoseg.training.loader import BatchLoader
 from autoseg.training.losses import deep_supervision_loss, deep_supervision_weights
-from autoseg.training.progress import Curves, append_log, epoch_line, plot_progress, write_curves
+from autoseg.training.progress import (
+    Curves,
+    append_log,
+    duration_warning,
+    epoch_line,
+    iteration_bar,
+    plot_progress,
+    print_epoch_line,
+    write_curves,
+)
+from autoseg.training.run import (
+    DEFAULT_SEED,
+    RUN_FILE,
+    RunOptions,
+    merge_for_continue,
+    now_iso,
+    options_from_checkpoint,
+    read_run_options,
+    refuse_mixing_runs,
+    remove_run,
+    write_run_options,
+)
 from autoseg.training.schedule import format_duration, parse_duration, poly_lr, training_progress
 
 log = logging.getLogger(__name__)
@@ -78,7 +112,10 @@ VALIDATION_FRACTION = 0.2  # 50 validation iterations per 250 training iteration
 PER_CASE_OVERHEAD_S = 0.75  # final validation, per case, besides the network (see _ValidationEstimate)
 VALIDATION_OVERHEAD = 2.0  # an epoch-validation batch costs ~2x its forward time (sampling, loss, Dice counts)
 CHECKPOINT_EVERY = 50  # epochs between checkpoint_latest.pt, as in the reference
-CHECKPOINT_INTERVAL_S = 600.0  # ... and at least every 10 minutes, so an interrupted job loses little
+# ... and at least every 5 minutes, checked at every iteration (mid-epoch too: a CPU epoch can take 10 minutes).
+# A 3D U-Net checkpoint (weights + SGD momentum, ~250 MB) takes 0.5-3 s to write and fsync, so this costs
+# at most ~1 % of the time, and a kill (without the SIGTERM that lets us save) loses 5 minutes at most.
+CHECKPOINT_INTERVAL_S = 300.0
 DEFAULT_WORKERS = 2
 
 
@@ -95,6 +132,10 @@ class TrainingState:
     iterations_done: int = 0  # training iterations over all epochs and runs
     budget_choice: dict[str, Any] | None = None  # BudgetChoice.to_json() of a --time-budget run
     budget_reasons: list[str] = field(default_factory=list)
+    # a checkpoint saved mid-epoch (a signal, the 5-minute save): iterations of epoch ``epoch`` already done and
+    # their losses, so a resume finishes that epoch exactly as an uninterrupted run would have
+    epoch_iteration: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -134,6 +175,10 @@ def fold_cases(preprocessed: Path, fold: int | str) -> tuple[list[str], list[str
     """(train ids, val ids) of ``fold``; "all" trains and validates on every case."""
     splits = _read_splits(preprocessed)
     fold = _parse_fold(fold, len(splits), preprocessed / "splits.json")
+    for index, split in enumerate(splits):  # case ids become file names in the store and in validation/
+        for part in ("train", "val"):
+            for case_id in split[part]:
+                validate_identifier(case_id, f"fold {index} {part} case id", preprocessed / "splits.json")
     if fold == "all":
         cases = sorted({c for s in splits for c in s["train"] + s["val"]})
         return cases, cases
@@ -152,7 +197,8 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
     config = plans.configuration(configuration, architecture)
     train_ids, val_ids = fold_cases(location.preprocessed, fold)
     fold = _parse_fold(fold, 10**9, location.preprocessed / "splits.json")
-    store = location.preprocessed / config.data_identifier
+    store = ensure_inside(location.preprocessed / config.data_identifier, location.preprocessed,
+                          "the preprocessed folder of the configuration")
     stored = set(list_stored_cases(store))
     missing = sorted(set(train_ids + val_ids) - stored)
     if missing:
@@ -266,12 +312,13 @@ def train(
     continue_training: bool = False,
     device: str = "auto",
     compile_network: bool = False,
-    selfreg: bool = False,
+    selfreg: bool | None = None,
     pretrained: str | os.PathLike | None = None,
-    seed: int = 12345,
+    seed: int | None = None,
     time_budget: str | float | None = None,
     num_workers: int | None = None,
     validate: bool = True,
+    force: bool = False,
     *,
     checkpoint_every: int = CHECKPOINT_EVERY,
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
@@ -280,43 +327,164 @@ def train(
 ) -> Path:
     """Train one fold of one configuration; returns the fold folder (see docs/training.md).
 
+    ``None`` for ``seed``, ``selfreg``, ``epochs``, ... means "not given": the default for a new run, the
+    run's own value (run.json) for ``continue_training``. ``force`` deletes an earlier run's files first.
     Keyword-only extras: ``checkpoint_every`` (epochs between checkpoint_latest.pt), ``checkpoint_interval_s``
-    (also save latest when this much time passed), ``validation_iterations`` per epoch (default 1/5 of the
-    training iterations), ``on_epoch_end(epoch, curves)`` callback (notebooks, tests).
+    (also save latest when this much time passed, checked every iteration), ``validation_iterations`` per
+    epoch (default 1/5 of the training iterations), ``on_epoch_end(epoch, curves)`` callback (notebooks, tests).
     """
     session_start = time.monotonic()
-    budget_s = parse_duration(time_budget)
-    location, plans, config, fold, train_ids, val_ids, store = _resolve(dataset, configuration, fold, root, architecture)
-    arch = config.architecture.name
-    resumed_schedule: list[str] = []
-    if continue_training:
-        # --continue without repeating --epochs/--iters-per-epoch/--time-budget keeps the schedule the run
-        # started with, instead of silently switching to the 1000-epoch default.
-        saved = _saved_schedule(fold_folder(location, config.name, arch, fold))
-        if epochs is None and saved.get("epochs"):
-            epochs = int(saved["epochs"])
-            resumed_schedule.append(f"--epochs {epochs}")
-        if iterations_per_epoch is None and saved.get("iterations_per_epoch") and not saved.get("time_budget_s"):
-            iterations_per_epoch = int(saved["iterations_per_epoch"])
-            resumed_schedule.append(f"--iters-per-epoch {iterations_per_epoch}")
-        if budget_s is None and saved.get("time_budget_s"):
-            budget_s = float(saved["time_budget_s"])
-            resumed_schedule.append(f"--time-budget {format_duration(budget_s)}")
     if epochs is not None and epochs < 1 or iterations_per_epoch is not None and iterations_per_epoch < 1:
         raise ConfigurationError(f"--epochs and --iters-per-epoch must be >= 1, got {epochs} and {iterations_per_epoch}")
-    # with a time budget the budget ends training; --epochs then is an upper bound only
-    total_epochs = epochs if epochs is not None else (None if budget_s else DEFAULT_EPOCHS)
-    workers = DEFAULT_WORKERS if num_workers is None else int(num_workers)
-
+    location, plans, config, fold, train_ids, val_ids, store = _resolve(dataset, configuration, fold, root, architecture)
+    arch = config.architecture.name
+    output = fold_folder(location, config.name, arch, fold)
+    command = f"autoseg train {location.name} {config.name} {fold}" + (f" --root {root}" if root is not None else "")
+    if force and continue_training:
+        raise ConfigurationError(
+            f"{output}: --force (delete the earlier run and start over) and --continue (resume it) contradict "
+            "each other; give one of them"
+        )
     torch_device = choose_device(device)
     context = distributed.init_distributed(torch_device)
     if torch_device.type == "cuda" and context.enabled:
         torch_device = torch.device("cuda", context.local_rank)
+    with contextlib.ExitStack() as held:
+        # one process per fold: rank 0 holds the lock for the whole run; the other ranks follow its verdict
+        _on_main(context, torch_device, lambda: held.enter_context(fold_lock(output)))
+        given = {"epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
+                 "time_budget_s": parse_duration(time_budget), "seed": seed, "selfreg": selfreg,
+                 "pretrained": str(pretrained) if pretrained is not None else None, "num_workers": num_workers}
+        options, notes, resuming = _run_options(output, given, continue_training)
+        distributed.barrier(context)  # every rank has read the folder before rank 0 changes it
+        run = RunOptions(dataset=location.name, configuration=config.name, architecture=arch, fold=str(fold),
+                         epochs=options["epochs"], iterations_per_epoch=options["iterations_per_epoch"],
+                         time_budget_s=options["time_budget_s"],
+                         seed=DEFAULT_SEED if options["seed"] is None else int(options["seed"]),
+                         selfreg=bool(options["selfreg"]), pretrained=options["pretrained"],
+                         num_workers=DEFAULT_WORKERS if options["num_workers"] is None else int(options["num_workers"]),
+                         device=torch_device.type, started=now_iso())
+        _on_main(context, torch_device,
+                 lambda: notes.extend(_prepare_folder(output, run, continue_training, resuming, force, command)))
+        try:
+            return _train_fold(
+                location, plans, config, fold, train_ids, val_ids, store, output, run, notes, command,
+                torch_device, context, session_start, continue_training and resuming, compile_network, validate,
+                checkpoint_every, checkpoint_interval_s, validation_iterations, on_epoch_end,
+            )
+        except KeyboardInterrupt:
+            # outside the loop (setup, validation) or from a callback: no chance to save, say what exists
+            raise _interrupted(output, command, "interrupted", signal.SIGINT) from None
+
+
+def _on_main(context: distributed.DistributedContext, device: torch.device, action: Callable[[], Any]) -> None:
+    """Run ``action`` on rank 0 only; when it refuses (an AutosegError) every rank stops, not just rank 0
+    (the others would wait for it forever)."""
+    error = None
+    if context.is_main:
+        try:
+            action()
+        except AutosegError as exc:
+            error = exc
+    if distributed.broadcast_flag(error is not None, context, device):
+        if error is not None:
+            raise error
+        raise TrainingError("rank 0 stopped before training started; its message says why")
+
+
+def _run_options(output: Path, given: dict[str, Any], continue_training: bool) -> tuple[dict[str, Any], list[str], bool]:
+    """(options, notes, resuming): the command line's options, for --continue completed by the interrupted
+    run's (run.json, else the checkpoint of a folder from before run.json). ``resuming``: a checkpoint exists
+    to resume from."""
+    resuming = continue_training and any((output / name).is_file() for name in (LATEST, FINAL))
+    if not continue_training:
+        return given, [], False
+    saved_run = read_run_options(output)
+    saved = asdict(saved_run) if saved_run is not None else options_from_checkpoint(output)
+    if not saved:
+        return given, [f"--continue: nothing to resume in {output} (no {RUN_FILE}, no checkpoint); starting a new "
+                       "run with the options given"], False
+    options, notes = merge_for_continue(saved, given, output / (RUN_FILE if saved_run is not None else LATEST))
+    if not resuming:
+        notes.append(f"--continue: {output.name} saved no checkpoint before it stopped; restarting that run from "
+                     f"its first epoch with the options of its {RUN_FILE}")
+    return options, notes, resuming
+
+
+def _prepare_folder(output: Path, run: RunOptions, continue_training: bool, resuming: bool, force: bool,
+                    command: str) -> list[str]:
+    """Refuse to mix two runs in one folder, or clear the earlier run (--force, or a --continue with nothing
+    to resume); then write run.json. Returns messages for the log."""
+    notes = []
+    if not force and not continue_training:
+        refuse_mixing_runs(output, command)  # a run with checkpoints is never replaced silently
+    if not resuming:
+        removed = remove_run(output)
+        if removed:
+            why = "--force" if force else "--continue" if continue_training else "no checkpoint was saved"
+            notes.append(f"{why}: removed the earlier run's {', '.join(removed)}")
+    if resuming:
+        previous = read_run_options(output)
+        if previous is not None:
+            run.started, run.resumed = previous.started, [*previous.resumed, now_iso()]
+    output.mkdir(parents=True, exist_ok=True)
+    write_run_options(output, run)
+    return notes
+
+
+def _interrupted(output: Path, command: str, what: str, signum: int) -> TrainingInterrupted:
+    """The message of a stopped run: the resume command only when there is a checkpoint to resume from."""
+    for name in (LATEST, FINAL):
+        if (output / name).is_file():
+            return TrainingInterrupted(
+                f"{output}: {what}; {name} is saved: resume with `{command} --continue`", 128 + int(signum))
+    return TrainingInterrupted(
+        f"{output}: {what} before a resumable checkpoint was saved; run `{command} --continue` to start that run again "
+        f"with its options ({RUN_FILE})", 128 + int(signum))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM during training (Ctrl-C, a cluster's pre-emption, which sends SIGTERM and kills a little
+    later): remembered by the handler, acted on by the loop at the next iteration boundary (save
+    checkpoint_latest.pt, then stop), since a checkpoint cannot be written from inside a signal handler. A second
+    Ctrl-C stops at once. Handlers can only be set in the main thread; elsewhere (a notebook's worker thread)
+    the default behaviour stays."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.write(2, f"{signal.Signals(signum).name}: saving {LATEST} after this iteration, then stopping "
+                    "(Ctrl-C again stops at once, without saving)\n".encode())
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output, run: RunOptions, notes, command,
+                torch_device, context, session_start, load_checkpoint_state, compile_network, validate,
+                checkpoint_every, checkpoint_interval_s, validation_iterations, on_epoch_end) -> Path:
+    """The run itself, inside the fold lock, with run.json written."""
+    arch = config.architecture.name
+    epochs, iterations_per_epoch, budget_s = run.epochs, run.iterations_per_epoch, run.time_budget_s
+    seed, selfreg, workers = run.seed, run.selfreg, run.num_workers
+    # with a time budget the budget ends training; --epochs then is an upper bound only
+    total_epochs = epochs if epochs is not None else (None if budget_s else DEFAULT_EPOCHS)
     if torch_device.type == "cpu":
         configure_threads(training_threads(workers))
     else:
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
-    output = fold_folder(location, config.name, arch, fold)
     log_file = output / "log.txt"
 
     def say(message: str) -> None:
@@ -324,12 +492,12 @@ def train(
             log.info(message)
             append_log(log_file, message)
 
-    if resumed_schedule:
-        say(f"--continue: keeping the schedule of the interrupted run ({', '.join(resumed_schedule)})")
+    for note in notes:
+        say(note)
     if context.is_main:
-        output.mkdir(parents=True, exist_ok=True)
         write_json(output / "plans.json", plans.to_json())
         write_json(output / "environment.json", _environment(torch_device, context))
+
     seed_everything(seed + context.rank)
     previous_stage = None
     if config.previous_stage:
@@ -346,7 +514,7 @@ def train(
     # --continue reuses the adapted configuration stored in the checkpoint so its weights fit
     budget_choice, budget_reasons = BudgetChoice(), []
     if budget_s:
-        resumed = _resumed_configuration(output) if continue_training else None
+        resumed = _resumed_configuration(output) if load_checkpoint_state else None
         if resumed is not None:
             config, budget_choice, budget_reasons = resumed
         else:
@@ -372,13 +540,13 @@ def train(
         from autoseg.networks.selfreg import selfreg_loss
 
         info_selfreg = selfreg_loss
-    if pretrained is not None and not continue_training:
-        _load_pretrained(network, pretrained)
+    if run.pretrained and not load_checkpoint_state:
+        _load_pretrained(network, run.pretrained)
     network.to(torch_device)
     optimizer = torch.optim.SGD(network.parameters(), lr=INITIAL_LR, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
     state = TrainingState()
-    if continue_training:
+    if load_checkpoint_state:
         state = _resume(output, network, optimizer, say)
     if budget_s:
         state.budget_choice, state.budget_reasons = budget_choice.to_json(), list(budget_reasons)
@@ -411,8 +579,8 @@ def train(
     train_loader = BatchLoader(train_sampler,
                                training_transforms(config.patch_size, settings, ds_scales,
                                                    cascade_classes=cascade_classes),
-                               num_workers=workers, seed=_epoch_seed(seed, 10**6, context.rank),
-                               pin_memory=torch_device.type == "cuda")
+                               num_workers=workers, seed=(seed, context.rank), pin_memory=torch_device.type == "cuda",
+                               start_iteration=state.iterations_done)
     val_sampler = PatchSampler(store, distributed.shard(val_ids, context), config.patch_size, batch_size, dims,
                                previous_stage=previous_stage)
     val_transforms = validation_transforms(ds_scales, cascade_classes)
@@ -431,7 +599,10 @@ def train(
                                                    torch_device, dtype)
     last_save = time.monotonic()
     stop_reason = None
+    stop = _StopRequest()
+    bar = None
     last_step_s = 0.0
+    session_steps, timing_start = 0, 0.0  # for the duration estimate of a long CPU run
 
     def elapsed() -> float:
         return state.elapsed_s + (time.monotonic() - session_start)
@@ -451,7 +622,15 @@ def train(
             return None
         return session_start + budget_s - state.elapsed_s - validation_estimate.reserve(state)
 
+    def save_latest() -> None:
+        nonlocal last_save
+        if context.is_main:
+            _save(output / LATEST, network, optimizer, state, plans, config, fold, location.name, selfreg, seed,
+                  total_epochs, iterations, budget_s, elapsed())
+        last_save = time.monotonic()
+
     try:
+        stop.__enter__()
         while True:
             if total_epochs is not None and state.epoch >= total_epochs:
                 break
@@ -460,13 +639,27 @@ def train(
                 break
             epoch = state.epoch
             epoch_start = time.monotonic()
-            seed_everything(_epoch_seed(seed, epoch, context.rank, 1))
-            train_loader.reseed(np.random.default_rng(_epoch_seed(seed, epoch, context.rank, 2)))
+            # a checkpoint saved mid-epoch resumes at its iteration, with the RNG states it saved
+            first_iteration, losses = state.epoch_iteration, list(state.epoch_losses)
+            state.epoch_iteration, state.epoch_losses = 0, []
+            if first_iteration == 0:
+                seed_everything(_epoch_seed(seed, epoch, context.rank, 1))
             model.train()
-            losses = []
             lr = INITIAL_LR
-            done = 0
-            for iteration in range(iterations):
+            done = first_iteration
+            bar = iteration_bar(epoch, total_epochs, iterations, first_iteration, context.is_main)
+            for iteration in range(first_iteration, iterations):
+                # iteration boundary: a signal saves and stops here; and checkpoint_latest every few minutes
+                stopping = distributed.broadcast_flag(stop.signum is not None, context, torch_device) \
+                    if context.enabled else stop.signum is not None
+                if stopping or time.monotonic() - last_save >= checkpoint_interval_s:
+                    state.epoch_iteration, state.epoch_losses = iteration, list(losses)
+                    save_latest()
+                    state.epoch_iteration, state.epoch_losses = 0, []
+                if stopping:
+                    signum = stop.signum or signal.SIGTERM
+                    raise _interrupted(output, command, f"{signal.Signals(signum).name} at epoch {epoch} iteration "
+                                       f"{iteration}", signum)
                 # the clock is checked every iteration: a budget ends mid-epoch (step time known from the
                 # previous iteration, so the check is "would one more step still fit")
                 if budget_s and distributed.broadcast_flag(budget_left(iteration + 1) - last_step_s <= 0, context,
@@ -485,6 +678,17 @@ def train(
                 done += 1
                 state.iterations_done += 1
                 last_step_s = time.monotonic() - step_start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                session_steps += 1
+                if session_steps == 1:  # the first step warms up (allocator, oneDNN caches): time the next 3
+                    timing_start = time.monotonic()
+                elif session_steps == 4 and torch_device.type == "cpu" and not budget_s and total_epochs:
+                    warning = duration_warning((time.monotonic() - timing_start) / 3,
+                                               total_epochs * iterations - state.iterations_done)
+                    if warning:
+                        say(warning)
+            bar.close()
             if not done:  # the budget ended before this epoch's first step
                 break
             val_loss, dice = _validate_epoch(model, val_sampler, val_transforms,
@@ -508,10 +712,8 @@ def train(
                     _save(output / BEST, network, optimizer, state, plans, config, fold, location.name, selfreg,
                           seed, total_epochs, iterations, budget_s, elapsed())
                     say(f"new best EMA pseudo-Dice {state.ema:.4f}: {BEST}")
-                if state.epoch % max(1, checkpoint_every) == 0 or time.monotonic() - last_save >= checkpoint_interval_s:
-                    _save(output / LATEST, network, optimizer, state, plans, config, fold, location.name, selfreg,
-                          seed, total_epochs, iterations, budget_s, elapsed())
-                    last_save = time.monotonic()
+            if state.epoch % max(1, checkpoint_every) == 0 or time.monotonic() - last_save >= checkpoint_interval_s:
+                save_latest()
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch, state.curves)
             if stop_reason:
@@ -523,6 +725,9 @@ def train(
             "and train again"
         ) from exc
     finally:
+        stop.__exit__()
+        if bar is not None:
+            bar.close()
         train_loader.close()
 
     if stop_reason:
@@ -635,6 +840,7 @@ def _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, i
         "seconds_per_patch": state.seconds_per_patch, "seed": seed, "epochs": epochs,
         "iterations_per_epoch": iterations, "time_budget_s": budget_s, "iterations_done": state.iterations_done,
         "budget_choice": state.budget_choice, "budget_reasons": state.budget_reasons,
+        "epoch_iteration": state.epoch_iteration, "epoch_losses": list(state.epoch_losses),
     }
 
 
@@ -655,9 +861,8 @@ def _resume(output: Path, network: nn.Module, optimizer, say) -> TrainingState:
         path = output / name
         if path.is_file():
             break
-    else:
-        say(f"--continue: no {LATEST} in {output}; starting from scratch")
-        return TrainingState()
+    else:  # _run_options decided there is a checkpoint; it vanished since
+        raise CheckpointError(f"{output / LATEST}: disappeared while training started; run the command again")
     checkpoint = load_checkpoint(path)
     try:
         network.load_state_dict(checkpoint["network"])
@@ -677,8 +882,12 @@ def _resume(output: Path, network: nn.Module, optimizer, say) -> TrainingState:
         elapsed_s=float(metadata.get("elapsed_s", 0.0)), seconds_per_patch=metadata.get("seconds_per_patch"),
         iterations_done=int(metadata.get("iterations_done") or 0), budget_choice=metadata.get("budget_choice"),
         budget_reasons=list(metadata.get("budget_reasons") or []),
+        epoch_iteration=int(metadata.get("epoch_iteration") or 0),
+        epoch_losses=[float(v) for v in metadata.get("epoch_losses") or []],
     )
-    say(f"resumed from {path.name}: epoch {state.epoch}, {format_duration(state.elapsed_s)} of training time used")
+    within = f" (iteration {state.epoch_iteration} of epoch {state.epoch})" if state.epoch_iteration else ""
+    say(f"resumed from {path.name}: epoch {state.epoch}{within}, {format_duration(state.elapsed_s)} of training "
+        "time used")
     return state
 
 
@@ -692,7 +901,7 @@ def _after_epoch(output, state, network, optimizer, plans, config, fold, dataset
         eta = format_duration(float(np.mean(recent)) * (epochs - state.epoch))
     else:
         eta = "?"
-    say(epoch_line(state.epoch, epochs, curves, class_names, eta))
+    print_epoch_line(epoch_line(state.epoch, epochs, curves, class_names, eta), output / "log.txt")
     write_curves(curves, output / "training_log.json")
     try:
         plot_progress(curves, output / "progress.png", class_names)
@@ -752,19 +961,6 @@ class _ValidationEstimate:
         if measured is None:
             return 0.1 * self.budget_s
         return min(0.5 * self.budget_s, measured + checkpoint_time)
-
-
-def _saved_schedule(output: Path) -> dict[str, Any]:
-    """``epochs``, ``iterations_per_epoch`` and ``time_budget_s`` of the checkpoint --continue will load
-    (empty when there is none; a broken checkpoint is reported later, when it is loaded)."""
-    for name in (LATEST, FINAL):
-        if (output / name).is_file():
-            try:
-                metadata = load_checkpoint(output / name)["metadata"]
-            except CheckpointError:
-                return {}
-            return {key: metadata.get(key) for key in ("epochs", "iterations_per_epoch", "time_budget_s")}
-    return {}
 
 
 def _resumed_configuration(output: Path) -> tuple[Configuration, BudgetChoice, list[str]] | None:

@@ -89,25 +89,35 @@ def test_augmentation_keeps_image_and_label_aligned(patch):
     assert (target == 1).sum() > 0
 
 
-def test_loader_in_process_is_deterministic_and_workers_run(tiny2d):
+def test_loader_batch_depends_only_on_seed_and_iteration(tiny2d):
+    """Issue 18.9: with worker processes each worker had its own random stream, so which batch came k-th
+    depended on the worker count and a resume replayed other batches; now batch k is a function of (seed, k)."""
     folder = tiny2d / "preprocessed" / DATASET / "2d"
     settings = augmentation_settings((32, 32))
     sampler = PatchSampler(folder, ["case_000", "case_001", "case_002"], sample_size_for((32, 32), settings), 2, 2)
     transforms = training_transforms((32, 32), settings, [(1.0, 1.0), (0.5, 0.5)])
-    batches = []
-    for _ in range(2):
-        # batchgenerators draws from numpy's and Python's global generators (the trainer seeds and checkpoints both)
-        np.random.seed(1)
-        random.seed(1)
-        loader = BatchLoader(sampler, transforms, num_workers=0)
-        loader.reseed(np.random.default_rng(7))
-        batches.append(next(loader))
-    assert batches[0]["data"].shape == (2, 1, 32, 32)
-    assert np.array_equal(batches[0]["data"].numpy(), batches[1]["data"].numpy())
-    loader = BatchLoader(sampler, transforms, num_workers=2, seed=3)
-    batch = next(loader)
-    assert batch["data"].shape == (2, 1, 32, 32) and batch["target"][1].shape == (2, 1, 16, 16)
-    loader.close()
+
+    def batches(num_workers, start, count):
+        np.random.seed(99)  # whatever the global state was, the batch must not depend on it
+        random.seed(99)
+        loader = BatchLoader(sampler, transforms, num_workers=num_workers, seed=(7, 0), start_iteration=start)
+        try:
+            return [next(loader) for _ in range(count)]
+        finally:
+            loader.close()
+
+    in_process = batches(0, 0, 5)
+    assert in_process[0]["data"].shape == (2, 1, 32, 32) and in_process[0]["target"][1].shape == (2, 1, 16, 16)
+    assert not np.array_equal(in_process[0]["data"].numpy(), in_process[1]["data"].numpy())
+    # two workers; a loader started at iteration 3 (a resume), in-process and with two workers
+    for other in (batches(2, 0, 5), [None] * 3 + batches(0, 3, 2), [None] * 3 + batches(2, 3, 2)):
+        for k in range(5):
+            if other[k] is None:
+                continue
+            assert np.array_equal(other[k]["data"].numpy(), in_process[k]["data"].numpy()), k
+            for a, b in zip(other[k]["target"], in_process[k]["target"]):
+                assert np.array_equal(a.numpy(), b.numpy()), k
+            assert other[k]["keys"] == in_process[k]["keys"]
 
 
 def test_rotation_matrix_by_hand():

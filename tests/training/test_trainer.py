@@ -1,11 +1,19 @@
 """Training loop on tiny data: learning, resume, budget, bad input. CPU, one thread, no workers."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
-from autoseg.errors import CheckpointError, ConfigurationError, PreprocessingError, TrainingError
+from autoseg.errors import (
+    CheckpointError,
+    ConfigurationError,
+    PreprocessingError,
+    TrainingError,
+    TrainingInterrupted,
+)
 from autoseg.training import train
 from autoseg.training.checkpoint import load_checkpoint
 
@@ -43,33 +51,105 @@ def test_unet_3d_loss_goes_down(tiny3d):
     assert curves["val_loss"][-1] < curves["val_loss"][0]
 
 
-def test_resume_gives_identical_weights(tmp_path):
-    root = tmp_path
+RUN = dict(epochs=4, iterations_per_epoch=3, seed=7)  # the run the resume tests interrupt and compare
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Final checkpoint of RUN on fold 1 straight through, batches made in-process (-np 0)."""
+    import autoseg.training.trainer as trainer
+
+    root = tmp_path_factory.mktemp("straight")
     build_tiny_dataset(root, dims=2, num_cases=5)
-    straight = train(DATASET, "2d", 1, root=root, epochs=4, iterations_per_epoch=3, seed=7, **FAST)
-    reference = load_checkpoint(straight / "checkpoint_final.pt")
-    for f in straight.iterdir():
-        f.unlink()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:  # one thread, as conftest gives each test (set up after this)
+        patch.setattr(trainer, "configure_threads", lambda num_threads=None: 1)
+        torch.set_num_threads(1)
+        reference = load_checkpoint(train(DATASET, "2d", 1, root=root, **RUN, **FAST) / "checkpoint_final.pt")
+    torch.set_num_threads(threads)
+    return reference
+
+
+def assert_same_run(folder, reference):
+    resumed = load_checkpoint(folder / "checkpoint_final.pt")
+    for key, value in reference["network"].items():
+        assert torch.equal(value, resumed["network"][key]), key
+    assert resumed["metadata"]["curves"]["train_loss"] == reference["metadata"]["curves"]["train_loss"]
+    assert resumed["metadata"]["epoch"] == 4
+
+
+def test_resume_with_workers_gives_identical_weights(tmp_path, uninterrupted):
+    """Issue 18.9: with the default two loader processes a resumed run differed; now batches depend only on
+    (seed, iteration), so -np 2 interrupted and resumed equals -np 0 straight through."""
+    build_tiny_dataset(tmp_path, dims=2, num_cases=5)
 
     def kill_after_two(epoch, curves):
         if epoch == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(DATASET, "2d", 1, root=root, epochs=4, iterations_per_epoch=3, seed=7, checkpoint_every=1,
-              on_epoch_end=kill_after_two, **FAST)
-    assert load_checkpoint(straight / "checkpoint_latest.pt")["metadata"]["epoch"] == 2
-    assert not (straight / "checkpoint_final.pt").exists()
-    # --continue without repeating --epochs/--iters-per-epoch keeps the interrupted run's schedule
-    resumed_folder = train(DATASET, "2d", 1, root=root, seed=7, continue_training=True, **FAST)
-    assert "keeping the schedule of the interrupted run (--epochs 4, --iters-per-epoch 3)" in (
+    with pytest.raises(TrainingInterrupted, match="checkpoint_latest.pt is saved: resume with `autoseg train "
+                       f"{DATASET} 2d 1 --root .* --continue`") as interrupted:
+        train(DATASET, "2d", 1, root=tmp_path, **RUN, **{**FAST, "num_workers": 2}, checkpoint_every=1,
+              on_epoch_end=kill_after_two)
+    assert interrupted.value.exit_code == 130
+    folder = tmp_path / "results" / DATASET / "2d__unet" / "fold_1"
+    assert load_checkpoint(folder / "checkpoint_latest.pt")["metadata"]["epoch"] == 2
+    assert not (folder / "checkpoint_final.pt").exists()
+    # --continue without repeating any option resumes the interrupted run (run.json), here with its 2 workers
+    resumed_folder = train(DATASET, "2d", 1, root=tmp_path, continue_training=True, validate=False, device="cpu",
+                           validation_iterations=2)
+    assert "keeping the run's options (--iters-per-epoch 3, --seed 7, --epochs 4)" in (
         resumed_folder / "log.txt"
     ).read_text()
-    resumed = load_checkpoint(resumed_folder / "checkpoint_final.pt")
-    for key, value in reference["network"].items():
-        assert torch.equal(value, resumed["network"][key]), key
-    assert resumed["metadata"]["curves"]["train_loss"] == reference["metadata"]["curves"]["train_loss"]
-    assert resumed["metadata"]["epoch"] == 4
+    assert json.loads((folder / "run.json").read_text())["num_workers"] == 2
+    assert_same_run(resumed_folder, uninterrupted)
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_identically(tmp_path, monkeypatch, uninterrupted):
+    """Issue 18.5b: a cluster's SIGTERM used to lose everything since the last 50-epoch/10-minute save; now the
+    run saves checkpoint_latest.pt at the next iteration boundary, exits 143, and resumes mid-epoch exactly."""
+    import autoseg.training.trainer as trainer
+
+    build_tiny_dataset(tmp_path, dims=2, num_cases=5)
+    step = trainer._train_step
+
+    def step_then_signal(*args):
+        loss = step(*args)
+        epoch, iteration = args[9], args[10]
+        if (epoch, iteration) == (1, 0):
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered now; training must finish this step first
+        return loss
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at epoch 1 iteration 1; checkpoint_latest.pt is saved"
+                       ) as interrupted:
+        train(DATASET, "2d", 1, root=tmp_path, **RUN, **FAST)
+    assert interrupted.value.exit_code == 143
+    folder = tmp_path / "results" / DATASET / "2d__unet" / "fold_1"
+    metadata = load_checkpoint(folder / "checkpoint_latest.pt")["metadata"]
+    assert (metadata["epoch"], metadata["epoch_iteration"], len(metadata["epoch_losses"])) == (1, 1, 1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the loop
+    monkeypatch.setattr(trainer, "_train_step", step)
+    assert_same_run(train(DATASET, "2d", 1, root=tmp_path, continue_training=True, **FAST), uninterrupted)
+
+
+def test_latest_checkpoint_saved_within_the_interval_mid_epoch(tmp_path, monkeypatch):
+    """Issue 18.5b: latest was saved only at the end of an epoch (every 50, or after 10 minutes), so a kill
+    during a long first epoch lost all of it; now the interval is checked at every iteration boundary."""
+    import autoseg.training.trainer as trainer
+
+    build_tiny_dataset(tmp_path, dims=2, num_cases=5)
+    latest = tmp_path / "results" / DATASET / "2d__unet" / "fold_0" / "checkpoint_latest.pt"
+    step, seen = trainer._train_step, []
+
+    def step_and_look(*args):
+        seen.append(load_checkpoint(latest)["metadata"]["epoch_iteration"] if latest.exists() else None)
+        return step(*args)
+
+    monkeypatch.setattr(trainer, "_train_step", step_and_look)
+    train(DATASET, "2d", 0, root=tmp_path, epochs=1, iterations_per_epoch=3, checkpoint_every=100,
+          checkpoint_interval_s=0.0, **FAST)
+    assert seen == [0, 1, 2]  # a zero interval: saved before each iteration, with the iteration it resumes at
 
 
 def test_time_budget_ends_training_by_itself(tiny2d):
