@@ -101,7 +101,7 @@ def run_demo(root: str | None = None, quick: bool = False, device: str = "auto",
     for fold in folds:
         fold_dir = train(
             DEMO_DATASET, "3d_fullres", fold, root=data_root, device=device, epochs=DEMO_EPOCHS,
-            iterations_per_epoch=DEMO_ITERATIONS_PER_EPOCH,
+            iterations_per_epoch=DEMO_ITERATIONS_PER_EPOCH, force=True,  # --keep reruns over the demo's own folds
         )
         print(f"      fold {fold}: {fold_dir}", flush=True)
     _done(start, "checkpoints, log.txt, progress.png and validation/ written per fold")

@@ -139,7 +139,8 @@ def train_study(dataset, root, variants, budget, fold, rounds, work_tag):
 
                 trainer_module.adapt_to_budget = forced
             start = time.perf_counter()
-            folder = train(dataset, "3d_fullres", fold, root=root, time_budget=budget, device="cpu")
+            # each variant retrains the same fold: start over instead of being refused as already trained
+            folder = train(dataset, "3d_fullres", fold, root=root, time_budget=budget, device="cpu", force=True)
             wall = time.perf_counter() - start
             summary = json.loads((folder / "validation" / "summary.json").read_text())
             timing = json.loads((folder / "timing.json").read_text())
