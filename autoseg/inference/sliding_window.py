@@ -3,7 +3,7 @@
 The image is covered by overlapping windows of exactly the planned patch size (networks such as UNETR++ are
 built for one patch and accept nothing else). Each window's logits are weighted by a Gaussian importance map,
 so voxels near a window's border (where the network saw little context) count less, and the weighted sum is
-divided by the summed weights. Numbers from the nnU-Net method (shared/reference/nnunet.md, "Inference"):
+divided by the summed weights. Numbers from the nnU-Net method (Isensee et al., Nature Methods 2021):
 step 0.5 of the patch, sigma = 1/8 of the patch, test-time mirroring over all spatial axes, logits
 accumulated on the GPU when they fit.
 

@@ -5,8 +5,8 @@ the meta-device activation estimate the planner uses (fp16, batch 2), and the CP
 batch 1, eval mode, no grad). With CUDA present it also measures an AMP training step (forward, backward,
 SGD step; median of 5 after 2 warm-ups) and its peak memory.
 
-The default plans are nnU-Net v2's plans for the SynthMR oracle dataset (shared/reference/oracle,
-Dataset970_SynthMR): 3d_fullres patch 44x56x48 and 2d patch 56x48. Each architecture gets the nearest patch it
+The default plans are nnU-Net v2's plans for the synthetic SynthMR benchmark dataset
+(Dataset970_SynthMR): 3d_fullres patch 44x56x48 and 2d patch 56x48. Each architecture gets the nearest patch it
 accepts (``adjust_patch``), shown in the table.
 """
 from __future__ import annotations

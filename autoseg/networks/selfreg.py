@@ -1,6 +1,6 @@
 """SelfReg-UNet regularisation losses: semantic consistency (SCR) and internal feature distillation (IFD).
 
-Specification: shared/reference/architectures.md section 5 (Zhu et al., SelfReg-UNet, MICCAI 2024). No new
+Specification: the paper (Zhu et al., SelfReg-UNet, MICCAI 2024). No new
 parameters; works on any registered network with ``supports_selfreg`` (``forward(x, return_features=True)``
 gives ``{"encoder": [...], "decoder": [...], "final": tensor}``), 2D or 3D alike.
 

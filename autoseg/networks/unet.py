@@ -1,6 +1,6 @@
 """Plain convolutional U-Net of the nnU-Net method ("PlainConvUNet"), 2D and 3D from one definition.
 
-Specification: shared/reference/architectures.md section 1 (Isensee et al., Nature Methods 2021).
+Specification: the paper (Isensee et al., Nature Methods 2021).
 Encoder stage s = two conv blocks (conv with bias -> InstanceNorm(eps 1e-5, affine) -> LeakyReLU(0.01)), the
 first with stride ``strides[s]`` (strided-conv downsampling, no pooling). Decoder stage = transposed conv
 (kernel = stride) -> concatenate [upsampled, skip] -> two conv blocks. A 1x1 head after every decoder stage.

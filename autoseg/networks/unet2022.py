@@ -1,6 +1,6 @@
 """UNet-2022: U-shaped network of "parallel non-isomorphic" blocks (window attention || depthwise conv). 2D only.
 
-Specification: shared/reference/architectures.md section 2 (Guo et al., arXiv 2210.15566). The paper and its
+Specification: the paper (Guo et al., arXiv 2210.15566). The paper and its
 code are 2D and are compared with nnU-Net 2D (issue #2 of the authors' repository); we register 2D only. A 3D
 version would be our own extrapolation with no published settings, so it is not offered (section 2.10).
 

@@ -1,6 +1,6 @@
 """UNet++: nested dense skip pathways, deep supervision over the top row, pruned inference. 2D and 3D.
 
-Specification: shared/reference/architectures.md section 4 (Zhou et al., DLMIA 2018 / IEEE TMI 2019).
+Specification: the paper (Zhou et al., DLMIA 2018 / IEEE TMI 2019).
 Node ``X[i][j]`` (level ``i``, position ``j`` along the skip pathway) exists for ``i + j <= L``:
 
 - ``X[i][0]`` = H(down(X[i-1][0])): the backbone encoder (strided conv as in the authors' nnU-Net port; the

@@ -1,6 +1,6 @@
 """UNETR++: hierarchical encoder/decoder of efficient paired-attention (EPA) blocks. 3D, fixed patch size.
 
-Specification: shared/reference/architectures.md section 3 (Shaker et al., IEEE TMI 2024, arXiv 2212.04497).
+Specification: the paper (Shaker et al., IEEE TMI 2024, arXiv 2212.04497).
 
 Shape: a stem (conv, kernel = stride = ``stem_stride``) to 32 channels, then 4 encoder stages of 3 transformer
 blocks at widths 32, 64, 128, 256 with 2x downsampling between them; 3 decoder stages (transposed conv, skip

@@ -5,7 +5,7 @@ per-channel intensity statistics of the foreground (voxels with label > 0), and 
 level: the same intensity statistics over a seeded sample of foreground voxels of every case, median
 shape and spacing, spacing percentiles, the median relative size after cropping, label volumes.
 
-Facts behind the choices (shared/reference/nnunet.md, "Fingerprint"):
+Facts behind the choices (nnU-Net v2's published method, its fingerprint):
 
 - crop to nonzero: mask = any channel != 0 with holes filled; the bounding box of the mask is kept.
 - nnU-Net samples about 1e8 / num_cases foreground voxels per case. Percentiles of a few thousand samples

@@ -1,6 +1,6 @@
 """The planner: from a :class:`Fingerprint` to :class:`Plans` (pure: no files, no printing).
 
-nnU-Net v2's default rules (shared/reference/nnunet.md, "Planner"), with the memory estimate measured on the
+nnU-Net v2's default rules (Isensee et al., Nature Methods 2021; nnunetv2 2.8.1), with the memory estimate measured on the
 real network (:mod:`autoseg.planning.memory`) so that every registered architecture is planned the same way.
 docs/planning.md lists every rule, where its numbers come from and how to override it.
 

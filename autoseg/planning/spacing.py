@@ -1,4 +1,4 @@
-"""Target spacing and shapes at a spacing (small pure functions; shared/reference/nnunet.md, "Planner").
+"""Target spacing and shapes at a spacing (small pure functions; nnU-Net v2's planner rules).
 
 All arrays are per case x per axis in array axis order; spacings in mm, shapes in voxels.
 """

@@ -1,6 +1,6 @@
 """U-Net topology from spacing and patch: how often each axis is downsampled, kernel sizes, features.
 
-The rules (shared/reference/nnunet.md, "Network topology"; design.md section 2):
+The rules (nnU-Net v2's network topology rules):
 
 - Halve the feature map repeatedly. An axis is downsampled in a stage while its current size is at least
   2 x ``MIN_FEATURE_MAP_EDGE`` and its current spacing is less than 2x the smallest current spacing among

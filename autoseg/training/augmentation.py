@@ -2,7 +2,7 @@
 mirror transforms; rotation/scaling and low-resolution simulation with torch, :class:`RotateScaleCrop` and
 :class:`SimulateLowResolution`).
 
-Numbers from shared/reference/nnunet.md ("Augmentation", probabilities per sample): rotation p 0.2
+Numbers from the nnU-Net method (its augmentation, probabilities per sample): rotation p 0.2
 (3D +-30 degrees per axis; 2D and "dummy 2D" +-180 degrees in-plane), scaling p 0.2 in [0.7, 1.4], Gaussian
 noise p 0.1 (variance up to 0.1), Gaussian blur p 0.2 (sigma 0.5-1, per channel 0.5), brightness
 multiplication p 0.15 in [0.75, 1.25], contrast p 0.15 in [0.75, 1.25], low-resolution simulation p 0.25

@@ -2,7 +2,7 @@
 
 The store keeps every case as a ``[C, Z, Y, X]`` array (2D images: Z = 1), a blosc2 ``.b2nd`` or a ``.npy``
 (``autoseg.preprocessing.store``), opened lazily so that a patch reads (and for b2nd decompresses) only its
-own region. Rules of the nnU-Net method (shared/reference/nnunet.md):
+own region. Rules of the nnU-Net method (Isensee et al., Nature Methods 2021):
 
 - 33 % of each batch is *foreground-oversampled*: the patch is centred on a stored location
   (``CaseProperties.class_locations``) of a randomly chosen class present in the case. The last

@@ -1,6 +1,6 @@
 """Losses: soft Dice + cross-entropy, and the deep-supervision weighting.
 
-Numbers from the nnU-Net method (shared/reference/nnunet.md, "Training defaults"): Dice over foreground
+Numbers from the nnU-Net method (Isensee et al., Nature Methods 2021): Dice over foreground
 classes only (background excluded), smooth 1e-5, batch Dice for 2D configurations (the sums run over the
 batch as well as space), Dice and CE weighted 1 each; deep-supervision weights 1/2^i, lowest resolution
 excluded, normalised to sum 1.

@@ -1,6 +1,6 @@
 """Learning-rate schedules and wall-clock budgets.
 
-Poly schedule of the nnU-Net method (shared/reference/nnunet.md): ``lr = lr0 * (1 - progress)^0.9``, where
+Poly schedule of the nnU-Net method (Isensee et al., Nature Methods 2021): ``lr = lr0 * (1 - progress)^0.9``, where
 progress is ``epoch / epochs`` normally and the fraction of the training time budget already used under
 ``--time-budget`` (the schedule runs over wall-clock time, so the LR reaches ~0 as the budget ends however
 fast or slow the machine is). With both an epoch count and a budget, progress is the larger of the two

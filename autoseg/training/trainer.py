@@ -1,7 +1,7 @@
 """`autoseg train`: the training loop, assembled from parts chosen by the plan and the options.
 
 Parts (one module each): patch sampler (data), augmentation, loader, losses, schedule, checkpoint, progress,
-distributed. Defaults of the nnU-Net method (shared/reference/nnunet.md, "Training defaults"): 1000 epochs x
+distributed. Defaults of the nnU-Net method (Isensee et al., Nature Methods 2021; nnunetv2's nnUNetTrainer): 1000 epochs x
 250 iterations, SGD lr 0.01 momentum 0.99 Nesterov weight decay 3e-5, poly LR 0.9, Dice + CE with deep
 supervision, gradient norm clipped at 12, AMP on CUDA, checkpoint_latest every 50 epochs, checkpoint_best by
 the EMA (0.9/0.1) of the mean pseudo-Dice of the validation batches, checkpoint_final, then a sliding-window
@@ -100,7 +100,7 @@ from autoseg.training.schedule import format_duration, parse_duration, poly_lr, 
 
 log = logging.getLogger(__name__)
 
-# nnU-Net training defaults (shared/reference/nnunet.md)
+# nnU-Net training defaults (Isensee et al., Nature Methods 2021)
 DEFAULT_EPOCHS = 1000
 DEFAULT_ITERATIONS = 250
 INITIAL_LR = 0.01
