@@ -217,7 +217,7 @@ def run_measured(
 
 # ----------------------------------------------------------------------------------------- durations
 def parse_budget(text: str | float | int) -> float:
-    """``"20m"`` -> 1200.0, ``"1h30m"`` -> 5400.0, ``"90s"``, bare number = seconds.
+    """``"20m"`` -> 1200.0, ``"1h30m"`` -> 5400.0, ``"90s"``; text needs a unit, a Python number is seconds.
 
     Delegates to autoseg's ``--time-budget`` parser so our CLI and the nnU-Net driver get the same seconds.
     Raises ``autoseg.errors.ConfigurationError`` on anything else.
