@@ -7,8 +7,9 @@ One prepared script for a machine with one GPU, finishing within ``--time-limit`
    1.25 x 0.8 x 0.8 mm with 32 classes, stored as uncompressed .nii so writing and reading cost little) under
    ``--work``.
 2. Fingerprint and plan them with autoseg's planner at the ``--gpu-memory`` budget (default 8 GB), base
-   configuration ``3d_fullres``, every registered architecture. An architecture the planner leaves out of
-   plans.json (it cannot plan it) is simply absent from the table; only configurations present are checked.
+   configuration ``3d_fullres``, each registered architecture planned on its own: one whose planning raises is
+   an error row; one the planner leaves out of plans.json is named in a note; only configurations present in
+   the merged plans are run.
 3. For each planned configuration, inside its own ``try`` (a failure, an out-of-memory included, becomes a
    table row with the error, never a crash):
    - build the network with ``autoseg.networks.build`` from the configuration's architecture spec;
@@ -151,14 +152,31 @@ def make_data(work: Path, cases: int, classes: int, slices: int, in_plane: int, 
     return raw
 
 
-def plan(raw: Path, gpu_memory_gb: float, num_workers: int, architectures: Sequence[str] | None):
-    """Fingerprint + plans (3d_fullres, every architecture unless restricted); nothing is written."""
+def plan(raw: Path, gpu_memory_gb: float, num_workers: int, architectures: Sequence[str] | None
+         ) -> tuple[Any, Any, list[Row]]:
+    """Fingerprint, then plans of 3d_fullres for each architecture on its own (every registered one unless
+    restricted), merged into one Plans; an architecture whose planning raises becomes an error row instead of
+    ending the check. Returns (fingerprint, plans or None, error rows). Nothing is written."""
+    from autoseg import networks
     from autoseg.planning import extract_fingerprint, plan_from_fingerprint
 
     fingerprint = extract_fingerprint(raw, num_workers=num_workers, progress=False)
     fingerprint.dataset_name = raw.name
-    return fingerprint, plan_from_fingerprint(fingerprint, gpu_memory_gb=gpu_memory_gb,
-                                              configurations=["3d_fullres"], architectures=architectures)
+    merged, failed = None, []
+    # 2D-only architectures (unet2022) have no 3d_fullres configuration to check
+    three_d = [a for a in (architectures or networks.available()) if 3 in networks.get(a).dims]
+    for architecture in three_d:
+        try:
+            plans = plan_from_fingerprint(fingerprint, gpu_memory_gb=gpu_memory_gb, configurations=["3d_fullres"],
+                                          architectures=[architecture])
+        except Exception as exc:  # noqa: BLE001 - one architecture's planning failure is a row, not a crash
+            failed.append(Row("3d_fullres", architecture, status="planning " + error_status(exc)))
+            continue
+        if merged is None:
+            merged = plans
+        else:
+            merged.configurations.update(plans.configurations)
+    return fingerprint, merged, failed
 
 
 def random_batch(network: Any, configuration: Any, in_channels: int, num_classes: int, device: Any):
@@ -306,15 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = make_data(args.work, args.cases, args.classes, args.slices, args.in_plane, args.dry_run)
     notes.append(f"phantoms ready in {format_seconds(time.perf_counter() - start)}")
     start = time.perf_counter()
-    fingerprint, plans = plan(raw, args.gpu_memory, args.workers, args.arch)
+    fingerprint, plans, rows = plan(raw, args.gpu_memory, args.workers, args.arch)
+    configurations = sorted(plans.configurations) if plans is not None else []
     notes.append(f"fingerprint + plan in {format_seconds(time.perf_counter() - start)}; configurations in "
-                 f"plans: {', '.join(sorted(plans.configurations)) or 'none'}")
+                 f"plans: {', '.join(configurations) or 'none'}")
     from autoseg import networks
     from autoseg.planning.plans import save_plans
 
-    save_plans(plans, args.work / "plans.json")
-    planned = {c.architecture.name for c in plans.configurations.values()}
-    absent = [a for a in (args.arch or networks.available()) if a not in planned]
+    if plans is not None:
+        save_plans(plans, args.work / "plans.json")
+    planned = {c.architecture.name for c in plans.configurations.values()} if plans is not None else set()
+    tried = [a for a in (args.arch or networks.available()) if 3 in networks.get(a).dims]
+    absent = [a for a in tried if a not in planned and a not in {r.architecture for r in rows}]
     if absent:
         notes.append(f"registered but not in plans.json (left out by the planner): {', '.join(absent)}")
 
@@ -336,9 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache[key] = data
         return cache[key]
 
-    rows: list[Row] = []
     expected_cost = 20.0 if not args.dry_run else 0.0  # first architecture: a guess; then the last one's cost
-    for name in sorted(plans.configurations, key=lambda n: (n != "3d_fullres", n)):
+    for name in sorted(configurations, key=lambda n: (n != "3d_fullres", n)):
         begin = time.perf_counter()
         rows.append(check_configuration(name, plans, device, steps, args.mirror, guard, expected_cost, preprocessed,
                                         warmup=0 if args.dry_run else 1))
