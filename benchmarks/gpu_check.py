@@ -207,6 +207,7 @@ def train_steps(plans: Any, configuration: Any, device: Any, steps: int, warmup:
 
     cuda = device.type == "cuda"
     if cuda:
+        torch.backends.cudnn.benchmark = True  # as our trainer sets it: the warm-up step pays the kernel search
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     in_channels = plans.network_in_channels(configuration)
