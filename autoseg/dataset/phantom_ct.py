@@ -29,7 +29,8 @@ With ``keep_thin_structures=False`` thin structures keep their physical size and
 
 Memory and speed: a case is rendered in slabs of :data:`SLAB` slices into a preallocated int16 image and uint8
 label (512 x 512 x 800: 400 MB + 200 MB), each structure evaluated only inside its bounding box; working
-arrays are float32 of one slab. Case ``i`` depends only on ``(seed, i)``; the noise of a slab only on
+arrays are float32 of one slab. Measured on a shared 2-core machine (32 classes): 512 x 512 x 400 renders in
+4-5 s, 512 x 512 x 800 in about 6 s at 0.8 GB peak RSS; writing a 400-slice case as .nii.gz adds about 6 s. Case ``i`` depends only on ``(seed, i)``; the noise of a slab only on
 ``(seed, i, first slice)``, so results do not depend on anything else.
 """
 from __future__ import annotations
@@ -538,8 +539,12 @@ def make_ct_phantom(spec: PhantomSpec, index: int) -> tuple[np.ndarray, np.ndarr
 
 
 def missing_classes(label: np.ndarray, num_classes: int) -> list[int]:
-    """Foreground labels 1..num_classes with no voxel in ``label``."""
-    counts = np.bincount(label.ravel(), minlength=num_classes + 1)
+    """Foreground labels 1..num_classes with no voxel in ``label`` ``[Z, ...]``. Counted slab by slab:
+    ``np.bincount`` widens to int64, which for a whole 512 x 512 x 800 label would be 1.7 GB."""
+    counts = np.zeros(max(num_classes + 1, int(label.max(initial=0)) + 1), np.int64)
+    for z0 in range(0, label.shape[0], SLAB):
+        part = np.bincount(label[z0:z0 + SLAB].ravel(), minlength=counts.size)
+        counts += part
     return [k for k in range(1, num_classes + 1) if counts[k] == 0]
 
 

@@ -136,3 +136,11 @@ def test_slabs_join_without_seams() -> None:
     part_image, part_label = render_slab(layout, 7, 40)
     np.testing.assert_array_equal(part_image, image[7:40])
     np.testing.assert_array_equal(part_label, label[7:40])
+
+
+def test_missing_classes_counts_every_slab() -> None:
+    label = np.zeros((70, 4, 4), np.uint8)
+    label[0, 0, 0] = 1
+    label[69, 3, 3] = 3  # only in the last, partial slab
+    assert missing_classes(label, 4) == [2, 4]
+    assert missing_classes(np.zeros((3, 2, 2), np.uint8), 2) == [1, 2]
