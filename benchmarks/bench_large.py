@@ -30,8 +30,8 @@ markdown table (printed and written to ``--out``), with the ratio ours / nnU-Net
 beside it, and the full measurements as JSON next to it.
 
     python benchmarks/bench_large.py --nnunet-venv .venv-nnunet --out bench_out/large.md        # full size
-    python benchmarks/bench_large.py --nnunet-venv .venv-nnunet --scale 0.25 --train-iters 3 \\
-        --repeats 1 --out bench_out/large_small.md                                           # 2-core machine
+    python benchmarks/bench_large.py --nnunet-venv .venv-nnunet --scale 0.125 --train-iters 3 \\
+        --repeats 1 --out bench_out/large_small.md                           # 2-core machine: ~16 min
 """
 from __future__ import annotations
 
