@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.io import read_image, read_segmentation
 from autoseg.planning.plans import load_plans
-from autoseg.preprocessing import preprocess_case, restore_segmentation
+from autoseg.preprocessing import load_case, preprocess_case, restore_segmentation
 from autoseg.preprocessing.case import preprocess_label
 
 DATASET = "Dataset981_ThickX"
@@ -48,7 +48,7 @@ def test_thick_x_dataset_end_to_end(tmp_path):
     assert plans.transpose_forward == [2, 0, 1]
     assert config.target_spacing[0] == max(config.target_spacing)  # the thick axis comes first...
     assert config.architecture.kernel_sizes[0][0] == 1  # ...and is not convolved across in the first stage
-    stored = np.load(preprocessed / "3d_fullres" / "case_000.npy", mmap_mode="r")
+    stored, _, _ = load_case(preprocessed / "3d_fullres", "case_000")
     assert stored.shape[1] < min(stored.shape[2:])  # the preprocessed array is coarse-axis-first too
 
     # a label through preprocess_case / preprocess_label and back lands on its own grid, unchanged

@@ -271,10 +271,7 @@ def test_both_store_formats_give_identical_batches(tiny3d, tmp_path, dims):
     for array_format in ("b2nd", "npy"):
         sampler = PatchSampler(tmp_path / array_format, cases, sample_size_for(patch, settings), 3, dims)
         assert type(sampler.arrays(cases[0])[0]).__name__ == ("NDArray" if array_format == "b2nd" else "memmap")
-        np.random.seed(4)
-        random.seed(4)
-        loader = BatchLoader(sampler, transforms, num_workers=0)
-        loader.reseed(np.random.default_rng(11))
+        loader = BatchLoader(sampler, transforms, num_workers=0, seed=11)
         batches[array_format] = [next(loader) for _ in range(2)]
     for b2nd_batch, npy_batch in zip(batches["b2nd"], batches["npy"]):
         assert b2nd_batch["keys"] == npy_batch["keys"]

@@ -156,10 +156,15 @@ def test_time_budget_ends_training_by_itself(tiny2d):
     folder = train(DATASET, "2d", 2, root=tiny2d, time_budget="6s", iterations_per_epoch=5, **FAST)
     timing = json.loads((folder / "timing.json").read_text())
     assert timing["time_budget_s"] == 6.0
-    assert timing["elapsed_s"] <= 6.0
+    # The policy stops when the time left is less than the last step took; on a loaded machine the next step
+    # can take longer than the last, so the bound is the budget plus one step, measured from this very run
+    # (an epoch's time over its iterations overestimates a step: it includes the validation batches).
+    curves = _curves(folder)
+    one_step = max(curves["epoch_time"]) / 5
+    assert timing["elapsed_s"] <= 6.0 + one_step
     meta = load_checkpoint(folder / "checkpoint_final.pt")["metadata"]
-    assert meta["epoch"] >= 1 and meta["elapsed_s"] <= 6.0
-    lrs = _curves(folder)["lr"]
+    assert meta["epoch"] >= 1 and meta["elapsed_s"] <= 6.0 + one_step
+    lrs = curves["lr"]
     assert lrs[-1] < lrs[0]  # the schedule ran over the budget, not over a fixed number of epochs
 
 
