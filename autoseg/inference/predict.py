@@ -296,6 +296,7 @@ def predict(
     when all writers are behind. Threads cannot outlive the process; on an error or Ctrl-C the queued work is
     cancelled and only the cases already running finish.
     """
+    select_part([], int(part), int(parts))  # a bad --part/--parts stops before anything is created or loaded
     if not Path(input).exists():
         raise PredictionError(f"{input}: input does not exist; pass a folder of images or one image file")
     output = check_output_folder(output)
