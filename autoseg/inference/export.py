@@ -98,8 +98,8 @@ def load_trained_model(
     reference: tuple[Any, ...] | None = None
     first: dict[str, Any] = {}
     for path in paths:
-        metadata = load_checkpoint_file(path)
-        meta = metadata["metadata"]
+        checkpoint_dict = load_checkpoint_file(path)
+        meta = checkpoint_dict["metadata"]
         try:
             this_configuration = configuration_from_json(meta["configuration"])
             key = (this_configuration.name, this_configuration.architecture.name, int(meta["in_channels"]),
@@ -117,7 +117,10 @@ def load_trained_model(
                 "one configuration only"
             )
         epoch = meta.get("epoch")
-        trained.append(TrainedFold(_fold_of(path), path, metadata["network"], int(epoch) if epoch is not None else None))
+        # only the weights are kept: the optimiser state is as large again and has no use outside training
+        trained.append(TrainedFold(_fold_of(path), path, checkpoint_dict["network"],
+                                   int(epoch) if epoch is not None else None))
+        del checkpoint_dict
     plans = Plans.from_json(first["plans"])
     this_configuration = configuration_from_json(first["configuration"])
     if this_configuration.previous_stage:

@@ -297,8 +297,9 @@ def predict(
     cancelled and only the cases already running finish.
     """
     select_part([], int(part), int(parts))  # a bad --part/--parts stops before anything is created or loaded
-    if not Path(input).exists():
-        raise PredictionError(f"{input}: input does not exist; pass a folder of images or one image file")
+    # an input without a single image stops before the model loads (every image counts as some case with one
+    # channel); the naming is checked against the model's channel count once it is loaded, below
+    find_input_cases(input, num_channels=1)
     output = check_output_folder(output)
     if predictor is None:
         if folds is not None:
