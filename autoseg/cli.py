@@ -154,7 +154,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     written = export_model(args.dataset, args.configuration, args.output, format=args.format, folds=args.folds,
                            root=args.root, architecture=args.arch, checkpoint=args.checkpoint)
     for path in written:
-        print(f"wrote {path}")
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if args.format == "bundle":
         print(f"on any machine: autoseg predict -m {written[0]} -i IMAGES -o OUTPUT")
     return 0

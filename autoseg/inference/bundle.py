@@ -199,7 +199,7 @@ def write_bundle(
                 # float weights hardly compress; JSON does
                 info.compress_type = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
                 archive.writestr(info, data)
-    log.info("wrote %s (%d fold(s), %.1f MB)", target, len(manifest.folds), target.stat().st_size / 2**20)
+    log.debug("wrote %s (%d fold(s), %.1f MB)", target, len(manifest.folds), target.stat().st_size / 2**20)
     return target
 
 

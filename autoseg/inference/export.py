@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -219,12 +220,28 @@ def export_network_onnx(network: nn.Module, in_channels: int, patch_size: Sequen
     # batch 2, not 1: torch.export specialises sizes 0 and 1, which would pin the batch axis
     example = torch.randn(2, in_channels, *patch_size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch")
+    # torch's exporter warns once per torchvision operator it cannot register when torchvision is absent;
+    # autoseg's networks use none of them, so the user would read four irrelevant warnings per export
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        return _export_checked(wrapped, example, batch, in_channels, patch_size, target, name)
+    finally:
+        registration_log.setLevel(previous_level)
+
+
+def _export_checked(wrapped: nn.Module, example: torch.Tensor, batch: Any, in_channels: int,
+                    patch_size: Sequence[int], target: Path, name: str) -> tuple[float | None, int]:
     with atomic_path(target, suffix=".onnx") as tmp:
         try:
-            torch.onnx.export(
-                wrapped, (example,), str(tmp), dynamo=True, external_data=False, input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT], dynamic_shapes={"image": {0: batch}}, verbose=False,
-            )
+            with warnings.catch_warnings():
+                # torch.export's own use of a pytree API it deprecated (torch 2.13): not ours to act on
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                torch.onnx.export(
+                    wrapped, (example,), str(tmp), dynamo=True, external_data=False, input_names=[ONNX_INPUT],
+                    output_names=[ONNX_OUTPUT], dynamic_shapes={"image": {0: batch}}, verbose=False,
+                )
         except Exception as exc:  # noqa: BLE001 - every exporter failure is the same user-facing problem
             raise ConfigurationError(
                 f"{target}: torch.onnx.export cannot convert architecture '{name}' ({_exporter_reason(exc)}); "
@@ -356,8 +373,8 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike) -> list[Path]:
         fold_files.append({"fold": fold.fold, "file": target.name, "epoch": fold.epoch,
                            "max_relative_difference_to_torch": difference})
         written.append(target)
-        log.info("wrote %s%s", target, f" (ONNX Runtime vs torch: {difference:.1e} of the logit range)"
-                 if difference is not None else "")
+        if difference is not None:
+            log.info("%s: ONNX Runtime matches torch within %.1e of the logit range", target.name, difference)
     description = preprocessing_description(model.plans, model.configuration, fold_files, opset)
     write_json(folder / "preprocessing.json", description)
     written.append(folder / "preprocessing.json")
