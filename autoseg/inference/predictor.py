@@ -323,16 +323,16 @@ class Predictor:
                     "pick from those or leave out -f"
                 )
             chosen = [entry for entry in bundle.weights if str(entry[0].fold) in wanted]
-        networks = [
-            build_network(bundle.configuration, manifest.in_channels, manifest.num_classes, state_dict,
-                          Path(f"{path}:{fold.weights}"))
-            for fold, state_dict in chosen
-        ]
         if manifest.num_classes != bundle.plans.num_classes:
             raise CheckpointError(
                 f"{path}: the manifest says {manifest.num_classes} classes but plans.json lists "
                 f"{bundle.plans.num_classes} labels; the bundle is inconsistent, export it again"
             )
+        networks = [
+            build_network(bundle.configuration, manifest.in_channels, manifest.num_classes, state_dict,
+                          Path(f"{path}:{fold.weights}"))
+            for fold, state_dict in chosen
+        ]
         log.info("model %s (%s, %s), folds %s", path, manifest.configuration, manifest.architecture,
                  ", ".join(str(fold.fold) for fold, _ in chosen))
         predictor = cls(networks, bundle.plans, bundle.configuration, manifest.in_channels, device=device,
@@ -538,7 +538,9 @@ class Predictor:
             name = "array"
         else:
             if spacing is not None or geometry is not None:
-                raise ConfigurationError("spacing/geometry are for arrays; files carry their own geometry")
+                raise ConfigurationError(
+                    f"{image}: spacing/geometry are for arrays; a file carries its own geometry, pass the path alone"
+                )
             array, geometry = read_image(image)
             name = str(image if isinstance(image, (str, os.PathLike)) else image[0])
         self.check_image(array, geometry, name=name)

@@ -109,7 +109,7 @@ def test_arrays_need_a_spacing_that_fits() -> None:
         predictor.predict(volume, spacing=(1.0, 1.0))
     with pytest.raises(ConfigurationError, match="positive"):
         predictor.predict(volume, spacing=(1.0, 0.0, 1.0))
-    with pytest.raises(ConfigurationError, match="files carry their own geometry"):
+    with pytest.raises(ConfigurationError, match="a file carries its own geometry"):
         predictor.predict("scan.nii.gz", spacing=(1.0, 1.0, 1.0))
 
 
