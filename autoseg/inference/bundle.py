@@ -9,6 +9,8 @@ Members (a flat zip, no folders)::
     fold_<k>.safetensors     each fold's network weights (safetensors: a JSON header and raw tensor bytes)
     dataset.json             the raw dataset's description, when the data root still had it
     postprocessing.json      the rules `autoseg find-best` chose for this model, when it chose some
+    previous_configuration.json, previous_fold_<k>.safetensors
+                             cascades only: the stage predicted first (3d_lowres), all of its folds
 
 Why this shape: checkpoints are ``torch.save`` files, which are pickles. ``weights_only=True`` makes loading
 them safe in current torch, but a file a stranger sends should not depend on the reader's torch version
@@ -47,9 +49,11 @@ PLANS = "plans.json"
 CONFIGURATION = "configuration.json"
 DATASET = "dataset.json"
 POSTPROCESSING = "postprocessing.json"
-_JSON_MEMBERS = (PLANS, CONFIGURATION, DATASET, POSTPROCESSING)
+PREVIOUS_PREFIX = "previous_"
+PREVIOUS_CONFIGURATION = PREVIOUS_PREFIX + CONFIGURATION
+_JSON_MEMBERS = (PLANS, CONFIGURATION, DATASET, POSTPROCESSING, PREVIOUS_CONFIGURATION)
 _REQUIRED_MEMBERS = (PLANS, CONFIGURATION)
-_FOLD_MEMBER = re.compile(r"^fold_(\d+|all)\.safetensors$")
+_FOLD_MEMBER = re.compile(r"^(previous_)?fold_(\d+|all)\.safetensors$")
 # Every member is read into memory, so a hostile zip must not be able to ask for unbounded memory: JSON
 # files are kilobytes, and the largest published nnU-Net-style networks are a few hundred MB per fold.
 MAX_JSON_BYTES = 64 * 2**20
@@ -72,8 +76,36 @@ class BundleFold:
 
 
 @dataclass
+class BundleStage:
+    """The stage a cascade predicts first (its configuration, network size and folds), in the manifest."""
+
+    configuration: str
+    architecture: str
+    in_channels: int
+    num_classes: int
+    folds: list[BundleFold]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"configuration": self.configuration, "architecture": self.architecture,
+                "in_channels": self.in_channels, "num_classes": self.num_classes,
+                "folds": [fold.to_json() for fold in self.folds]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BundleStage":
+        return cls(configuration=str(data["configuration"]), architecture=str(data["architecture"]),
+                   in_channels=int(data["in_channels"]), num_classes=int(data["num_classes"]),
+                   folds=[_fold_from_json(f) for f in data["folds"]])
+
+
+def _fold_from_json(data: dict[str, Any]) -> BundleFold:
+    return BundleFold(fold=data["fold"], weights=str(data["weights"]), epoch=data.get("epoch"),
+                      checkpoint=str(data.get("checkpoint", "")))
+
+
+@dataclass
 class BundleManifest:
-    """``manifest.json``: what the bundle holds and the SHA-256 (hex) of every other member."""
+    """``manifest.json``: what the bundle holds and the SHA-256 (hex) of every other member.
+    ``previous_stage``: cascades only, the stage whose segmentation becomes extra input channels."""
 
     dataset_name: str
     configuration: str
@@ -83,6 +115,7 @@ class BundleManifest:
     folds: list[BundleFold]
     checksums: dict[str, str]
     autoseg_version: str
+    previous_stage: BundleStage | None = None
     format: str = BUNDLE_FORMAT
     schema_version: int = BUNDLE_SCHEMA_VERSION
 
@@ -97,6 +130,7 @@ class BundleManifest:
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
             "folds": [fold.to_json() for fold in self.folds],
+            "previous_stage": self.previous_stage.to_json() if self.previous_stage is not None else None,
             "checksums": dict(sorted(self.checksums.items())),
         }
 
@@ -118,14 +152,15 @@ class BundleManifest:
                 f"than this autoseg reads ({BUNDLE_SCHEMA_VERSION}); upgrade autoseg (pip install -U autoseg)"
             )
         try:
-            folds = [BundleFold(fold=f["fold"], weights=str(f["weights"]), epoch=f.get("epoch"),
-                                checkpoint=str(f.get("checkpoint", ""))) for f in data["folds"]]
+            folds = [_fold_from_json(f) for f in data["folds"]]
+            previous = data.get("previous_stage")
             checksums = {str(k): str(v) for k, v in data["checksums"].items()}
             return cls(
                 dataset_name=str(data["dataset_name"]), configuration=str(data["configuration"]),
                 architecture=str(data["architecture"]), in_channels=int(data["in_channels"]),
                 num_classes=int(data["num_classes"]), folds=folds, checksums=checksums,
                 autoseg_version=str(data.get("autoseg_version", "")), schema_version=version,
+                previous_stage=BundleStage.from_json(previous) if previous is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(
@@ -145,6 +180,17 @@ class Bundle:
     weights: list[tuple[BundleFold, dict[str, torch.Tensor]]] = field(default_factory=list)
     dataset: dict[str, Any] | None = None
     postprocessing: dict[str, Any] | None = None
+    previous_configuration: Configuration | None = None
+    previous_weights: list[tuple[BundleFold, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
+@dataclass
+class PreviousStage:
+    """What :func:`write_bundle` needs of a cascade's first stage."""
+
+    stage: BundleStage
+    configuration_json: dict[str, Any]
+    weights: list[tuple[BundleFold, dict[str, torch.Tensor]]]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -176,6 +222,7 @@ def write_bundle(
     weights: list[tuple[BundleFold, dict[str, torch.Tensor]]],
     dataset_json: dict[str, Any] | None = None,
     postprocessing_json: dict[str, Any] | None = None,
+    previous: PreviousStage | None = None,
 ) -> Path:
     """Write a bundle atomically and read it back through :func:`read_bundle` before it replaces ``path``:
     a bundle that exists is one that loads. ``manifest.folds`` and ``manifest.checksums`` are filled here."""
@@ -189,6 +236,15 @@ def write_bundle(
         fold.weights = f"fold_{fold.fold}.safetensors"
         members[fold.weights] = weights_bytes(state_dict)
         manifest.folds.append(fold)
+    manifest.previous_stage = None
+    if previous is not None:
+        members[PREVIOUS_CONFIGURATION] = _json_bytes(previous.configuration_json)
+        previous.stage.folds = []
+        for fold, state_dict in previous.weights:
+            fold.weights = f"{PREVIOUS_PREFIX}fold_{fold.fold}.safetensors"
+            members[fold.weights] = weights_bytes(state_dict)
+            previous.stage.folds.append(fold)
+        manifest.previous_stage = previous.stage
     manifest.checksums = {name: sha256(data) for name, data in members.items()}
     target = Path(path)
     with atomic_path(target, suffix=".zip", verify=lambda tmp: read_bundle(tmp)) as tmp:
@@ -307,7 +363,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
                     r"\.(pt|pth|pkl|pickle|ckpt|bin|npy|npz)$", name) else ""
                 raise CheckpointError(
                     f"{source}: unexpected member {name!r}{hint}; a bundle holds only {MANIFEST}, "
-                    f"{', '.join(_JSON_MEMBERS)} and fold_<k>.safetensors. Export the model again"
+                    f"{', '.join(_JSON_MEMBERS)} and (previous_)fold_<k>.safetensors. Export the model again"
                 )
             if name in infos:
                 raise CheckpointError(f"{source}: member {name!r} appears twice; export the model again")
@@ -345,14 +401,37 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         try:
             plans = Plans.from_json(documents[PLANS])
             configuration = configuration_from_json(documents[CONFIGURATION])
+            previous_configuration = (configuration_from_json(documents[PREVIOUS_CONFIGURATION])
+                                      if PREVIOUS_CONFIGURATION in documents else None)
         except Exception as exc:  # noqa: BLE001 - any malformed plan is the same user problem
             raise CheckpointError(f"{source}: plans.json/configuration.json cannot be read ({str(exc)[:200]}); "
                                   "export the model again with this autoseg version") from exc
-        weights = []
-        for fold in manifest.folds:
-            if fold.weights not in present or not _FOLD_MEMBER.match(fold.weights):
-                raise CheckpointError(f"{source}: the manifest names weights {fold.weights!r} for fold {fold.fold}, "
-                                      "which the bundle does not hold; export the model again")
-            weights.append((fold, _parse_weights(verified(fold.weights, MAX_WEIGHTS_BYTES), fold.weights, source)))
+        stage = manifest.previous_stage
+        wanted = configuration.previous_stage
+        if (stage is None) != (wanted is None) or (previous_configuration is None) != (stage is None) or (
+            stage is not None and previous_configuration is not None
+            and not stage.configuration == previous_configuration.name == wanted
+        ):
+            raise CheckpointError(
+                f"{source}: configuration '{configuration.name}' needs previous stage {wanted!r}, the bundle holds "
+                f"{stage.configuration if stage else None!r}; export the model again"
+            )
+
+        def load_weights(folds: list[BundleFold], previous: bool) -> list[tuple[BundleFold, dict[str, torch.Tensor]]]:
+            loaded = []
+            for fold in folds:
+                if (fold.weights not in present or not _FOLD_MEMBER.match(fold.weights)
+                        or fold.weights.startswith(PREVIOUS_PREFIX) != previous):
+                    raise CheckpointError(f"{source}: the manifest names weights {fold.weights!r} for fold "
+                                          f"{fold.fold}, which the bundle does not hold; export the model again")
+                loaded.append((fold, _parse_weights(verified(fold.weights, MAX_WEIGHTS_BYTES), fold.weights,
+                                                    source)))
+            return loaded
+
+        if stage is not None and not stage.folds:
+            raise CheckpointError(f"{source}: the previous stage lists no folds; export the model again")
+        weights = load_weights(manifest.folds, previous=False)
+        previous_weights = load_weights(stage.folds, previous=True) if stage is not None else []
     return Bundle(path=path, manifest=manifest, plans=plans, configuration=configuration, weights=weights,
-                  dataset=documents.get(DATASET), postprocessing=documents.get(POSTPROCESSING))
+                  dataset=documents.get(DATASET), postprocessing=documents.get(POSTPROCESSING),
+                  previous_configuration=previous_configuration, previous_weights=previous_weights)

@@ -30,7 +30,7 @@ from torch import nn
 from autoseg import __version__
 from autoseg.errors import CheckpointError, ConfigurationError
 from autoseg.fileio import atomic_path, read_json, write_json
-from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
+from autoseg.inference.bundle import BundleFold, BundleManifest, BundleStage, PreviousStage, write_bundle
 from autoseg.inference.predictor import (
     DEFAULT_CHECKPOINT,
     _fold_of,
@@ -76,6 +76,7 @@ class TrainedModel:
     num_classes: int
     folds: list[TrainedFold]
     raw_folder: Path
+    previous: "TrainedModel | None" = None  # cascades: the stage predicted first, all of its trained folds
 
 
 def load_trained_model(
@@ -124,15 +125,15 @@ def load_trained_model(
         del checkpoint_dict
     plans = Plans.from_json(first["plans"])
     this_configuration = configuration_from_json(first["configuration"])
+    previous = None
     if this_configuration.previous_stage:
-        raise ConfigurationError(
-            f"{folder}: '{this_configuration.name}' is a cascade stage that needs '{this_configuration.previous_stage}'"
-            " predicted first; exporting cascades is not supported yet. Export a 3d_fullres or 2d configuration"
-        )
+        # as Predictor.from_folder predicts a cascade: every trained fold of the previous stage, its plan's arch
+        previous = load_trained_model(dataset, this_configuration.previous_stage, folds=None, root=root,
+                                      checkpoint=checkpoint)
     return TrainedModel(
         folder=folder, dataset_name=location.name, plans=plans, configuration=this_configuration,
         configuration_json=dict(first["configuration"]), in_channels=int(first["in_channels"]),
-        num_classes=int(first["num_classes"]), folds=trained, raw_folder=location.raw,
+        num_classes=int(first["num_classes"]), folds=trained, raw_folder=location.raw, previous=previous,
     )
 
 
@@ -160,10 +161,21 @@ def export_bundle(model: TrainedModel, output: str | os.PathLike) -> Path:
         architecture=model.configuration.architecture.name, in_channels=model.in_channels,
         num_classes=model.num_classes, folds=[], checksums={}, autoseg_version=__version__,
     )
-    weights = [(BundleFold(fold=f.fold, weights="", epoch=f.epoch, checkpoint=f.checkpoint.name), f.state_dict)
-               for f in model.folds]
-    return write_bundle(output, manifest, model.plans, model.configuration_json, weights, dataset_json,
-                        postprocessing_json)
+    previous = None
+    if model.previous is not None:
+        stage = model.previous
+        previous = PreviousStage(
+            stage=BundleStage(configuration=stage.configuration.name, architecture=stage.configuration.architecture.name,
+                              in_channels=stage.in_channels, num_classes=stage.num_classes, folds=[]),
+            configuration_json=stage.configuration_json, weights=_bundle_weights(stage),
+        )
+    return write_bundle(output, manifest, model.plans, model.configuration_json, _bundle_weights(model),
+                        dataset_json, postprocessing_json, previous)
+
+
+def _bundle_weights(model: TrainedModel) -> list[tuple[BundleFold, dict[str, torch.Tensor]]]:
+    return [(BundleFold(fold=f.fold, weights="", epoch=f.epoch, checkpoint=f.checkpoint.name), f.state_dict)
+            for f in model.folds]
 
 
 # ---------------------------------------------------------------------------------------------------- ONNX
@@ -360,6 +372,12 @@ def preprocessing_description(plans: Plans, configuration: Configuration, fold_f
 def export_onnx(model: TrainedModel, output: str | os.PathLike) -> list[Path]:
     """Write ``fold_<k>.onnx`` per fold and ``preprocessing.json`` into the folder ``output``."""
     folder = Path(output)
+    if model.previous is not None:
+        raise ConfigurationError(
+            f"{model.folder}: '{model.configuration.name}' is a cascade (its input includes the segmentation of "
+            f"'{model.previous.configuration.name}'), which preprocessing.json cannot describe; export it as a "
+            "bundle, or export each stage's configuration to ONNX separately"
+        )
     if folder.suffix in (".zip", ".onnx"):
         raise ConfigurationError(f"{folder}: --format onnx writes a folder (fold_<k>.onnx + preprocessing.json); "
                                  "pass a folder name, e.g. -o model_onnx")

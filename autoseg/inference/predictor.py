@@ -328,18 +328,24 @@ class Predictor:
                 f"{path}: the manifest says {manifest.num_classes} classes but plans.json lists "
                 f"{bundle.plans.num_classes} labels; the bundle is inconsistent, export it again"
             )
-        networks = [
-            build_network(bundle.configuration, manifest.in_channels, manifest.num_classes, state_dict,
-                          Path(f"{path}:{fold.weights}"))
-            for fold, state_dict in chosen
-        ]
+        def stage(configuration: Configuration, in_channels: int, num_classes: int, weights: list) -> "Predictor":
+            networks = [build_network(configuration, in_channels, num_classes, state_dict, Path(f"{path}:{fold.weights}"))
+                        for fold, state_dict in weights]
+            return cls(networks, bundle.plans, configuration, in_channels, device=device, step_size=step_size,
+                       mirror=mirror, window_batch_size=window_batch_size, sources=[Path(path)],
+                       mixed_precision=mixed_precision)
+
         log.info("model %s (%s, %s), folds %s", path, manifest.configuration, manifest.architecture,
                  ", ".join(str(fold.fold) for fold, _ in chosen))
-        predictor = cls(networks, bundle.plans, bundle.configuration, manifest.in_channels, device=device,
-                        step_size=step_size, mirror=mirror, window_batch_size=window_batch_size,
-                        sources=[Path(path)], mixed_precision=mixed_precision)
+        predictor = stage(bundle.configuration, manifest.in_channels, manifest.num_classes, chosen)
         if postprocess and bundle.postprocessing is not None:
             predictor.postprocessing = postprocessing_rules_from_json(bundle.postprocessing, f"{path}:postprocessing.json")
+        if manifest.previous_stage is not None and bundle.previous_configuration is not None:
+            # as from_folder: all of the previous stage's folds, no postprocessing (the cascade learnt from raw
+            # cross-validation predictions)
+            previous = manifest.previous_stage
+            predictor.previous_stage = stage(bundle.previous_configuration, previous.in_channels,
+                                             previous.num_classes, bundle.previous_weights)
         return predictor
 
     # ------------------------------------------------------------------------------------ prediction

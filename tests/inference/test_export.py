@@ -264,3 +264,68 @@ def test_cli_predict_needs_one_model_source(exported, tmp_path, capsys) -> None:
     assert "-m model.zip" in capsys.readouterr().err
     assert main([*args, "-m", str(bundle), "-d", "1"]) == 1
     assert "leave out -d/-c" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ cascades
+def cascade_root(base: Path) -> Path:
+    """A root with 3d_lowres (two folds, coarser spacing) and 3d_cascade_fullres (one fold) of tiny U-Nets."""
+    from dataclasses import asdict
+
+    from autoseg import networks
+
+    root = base / "cascade_root"
+    (root / "raw" / DATASET).mkdir(parents=True)
+    plans = make_plans(3, spacing=(4.0, 2.0, 2.0), name="3d_lowres")
+    full = make_plans(3, spacing=(2.0, 1.0, 1.0), name="3d_cascade_fullres").configurations["3d_cascade_fullres"]
+    full.previous_stage = "3d_lowres"
+    plans.configurations["3d_cascade_fullres"] = full
+    for name, folds, in_channels in (("3d_lowres", (0, 1), 1), ("3d_cascade_fullres", (0,), 1 + 2)):
+        configuration = plans.configurations[name]
+        for fold in folds:
+            torch.manual_seed(20 + fold + in_channels)
+            network = networks.build("unet", in_channels, 3, **configuration.architecture.build_kwargs)
+            path = root / "results" / DATASET / f"{name}__unet" / f"fold_{fold}" / "checkpoint_final.pt"
+            path.parent.mkdir(parents=True)
+            torch.save({"format": "autoseg-checkpoint", "format_version": 1, "network": network.state_dict(),
+                        "optimizer": None, "scheduler": None, "rng": {},
+                        "metadata": {"dataset_name": DATASET, "configuration": asdict(configuration),
+                                     "plans": plans.to_json(), "fold": fold, "epoch": 3, "architecture": "unet",
+                                     "in_channels": in_channels, "num_classes": 3, "selfreg": False, "curves": {}}},
+                       path)
+    return root
+
+
+def test_a_cascade_bundle_carries_its_first_stage(tmp_path, monkeypatch) -> None:
+    root = cascade_root(tmp_path)
+    bundle = export_model("1", "3d_cascade_fullres", tmp_path / "cascade.zip", root=root)[0]
+    loaded = read_bundle(bundle)
+    assert loaded.manifest.previous_stage is not None
+    assert loaded.manifest.previous_stage.configuration == "3d_lowres"
+    assert [f.weights for f, _ in loaded.previous_weights] == ["previous_fold_0.safetensors",
+                                                               "previous_fold_1.safetensors"]
+    assert [f.weights for f, _ in loaded.weights] == ["fold_0.safetensors"]
+    predictor = Predictor.from_bundle(bundle, device="cpu")
+    assert predictor.previous_stage is not None and len(predictor.previous_stage.networks) == 2
+    assert predictor.previous_stage.postprocessing is None and predictor.in_channels == 3
+
+    scans = tmp_path / "scans"
+    write_scans(scans)
+    common = ["-i", str(scans), "--device", "cpu", "-np", "1", "--no-mirror"]
+    assert main(["predict", *common, "-o", str(tmp_path / "from_root"), "-d", "1", "-c", "3d_cascade_fullres",
+                 "--root", str(root)]) == 0
+    monkeypatch.setenv("AUTOSEG_HOME", str(tmp_path / "empty_home"))
+    assert main(["predict", *common, "-o", str(tmp_path / "from_bundle"), "-m", str(bundle)]) == 0
+    for name in ("patient_a.nii.gz", "patient_b.nii.gz"):
+        np.testing.assert_array_equal(read_segmentation(tmp_path / "from_bundle" / name)[0],
+                                      read_segmentation(tmp_path / "from_root" / name)[0])
+
+    # a bundle whose cascade lost its first stage is refused
+    members = _members(bundle)
+    manifest = json.loads(members["manifest.json"])
+    manifest["previous_stage"] = None
+    members = {n: d for n, d in members.items() if not n.startswith("previous_")}
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with pytest.raises(CheckpointError, match="needs previous stage '3d_lowres', the bundle holds None"):
+        read_bundle(_write_zip(tmp_path / "headless.zip", _with_checksums(members)))
+    with pytest.raises(ConfigurationError, match="cascade .* export it as a bundle"):
+        export_model("1", "3d_cascade_fullres", tmp_path / "onnx", format="onnx", root=root)
