@@ -116,6 +116,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.inference import predict
 
+    if args.model is not None and (args.dataset is not None or args.configuration is not None or args.arch):
+        from autoseg.errors import ConfigurationError
+
+        raise ConfigurationError(f"{args.model}: -m takes the model from the bundle; leave out -d/-c/--arch")
+    if args.model is None and (args.dataset is None or args.configuration is None):
+        from autoseg.errors import ConfigurationError
+
+        raise ConfigurationError("which model? pass -d DATASET -c CONFIGURATION (trained under the data root) or "
+                                 "-m model.zip (a bundle from `autoseg export`)")
     report = predict(
         args.input,
         args.output,
@@ -135,9 +144,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         part=args.part,
         parts=args.parts,
         output_format=args.output_format,
+        bundle=args.model,
     )
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from autoseg.inference.export import export_model
+
+    written = export_model(args.dataset, args.configuration, args.output, format=args.format, folds=args.folds,
+                           root=args.root, architecture=args.arch, checkpoint=args.checkpoint)
+    for path in written:
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+    if args.format == "bundle":
+        print(f"on any machine: autoseg predict -m {written[0]} -i IMAGES -o OUTPUT")
+    return 0
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
@@ -289,16 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip the final validation prediction")
 
     p = command("predict", _cmd_predict, "segment new images with trained folds",
-                "Predict every case in INPUT (a folder of <case>_0000<ending> files, a folder of DICOM series, or one "
-                "single-channel file) "
-                "with a sliding window, mirroring and the fold ensemble; segmentations keep the input's geometry "
-                "and format. Postprocessing chosen by find-best is applied when present.")
+                "Predict every case in INPUT (a folder of <case>_0000<ending> files, one per channel; for a "
+                "one-channel model any image file; a folder of DICOM series; or one file) with a sliding window, "
+                "mirroring and the fold ensemble; segmentations keep the input's geometry and format. "
+                "Postprocessing chosen by find-best is applied when present. The model: -d/-c under the data "
+                "root, or -m model.zip.")
     p.add_argument("-i", "--input", required=True, help="input folder or file")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("-d", "--dataset", required=True, help="dataset the model was trained on (number, name or folder)")
-    p.add_argument("-c", "--configuration", required=True,
+    p.add_argument("-m", "--model", default=None, help="model bundle written by `autoseg export` (instead of -d/-c)")
+    p.add_argument("-d", "--dataset", default=None, help="dataset the model was trained on (number, name or folder)")
+    p.add_argument("-c", "--configuration", default=None,
                    help="trained configuration, e.g. 3d_fullres or 2d (find-best prints the one to use)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all trained)")
+    p.add_argument("-f", "--folds", nargs="+", default=None,
+                   help="folds to ensemble (default: all trained, or all in the bundle)")
     p.add_argument("--arch", default=None, help="architecture (default: the one trained for this configuration)")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirror", action="store_true", help="disable test-time mirroring (8x faster in 3D)")
@@ -317,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict only share PART of the sorted cases (case i goes to part i %% PARTS)")
     p.add_argument("--parts", type=int, default=1,
                    help="number of jobs sharing the input, e.g. a SLURM array (docs/cluster.md)")
+
+    p = command("export", _cmd_export, "pack a trained model into one file for another machine",
+                "Write the trained folds of CONFIGURATION as one zip (weights as safetensors, plans, dataset.json, "
+                "postprocessing.json, SHA-256 checksums; nothing in it can run code) for `autoseg predict -m`, or "
+                "with --format onnx a folder of fold_<k>.onnx networks plus preprocessing.json for other runtimes.")
+    p.add_argument("dataset", help=DATASET_HELP)
+    p.add_argument("-c", "--configuration", required=True, help="trained configuration, e.g. 3d_fullres")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to export (default: all trained)")
+    p.add_argument("--arch", default=None, help="architecture (default: the one trained for this configuration)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file name in each fold")
+    p.add_argument("--format", choices=["bundle", "onnx"], default="bundle",
+                   help="bundle: one .zip for autoseg predict -m; onnx: a folder of fold_<k>.onnx + preprocessing.json")
+    p.add_argument("-o", "--output", required=True, help="the .zip to write (bundle) or a folder (onnx)")
 
     p = command("ensemble", _cmd_ensemble, "average saved probabilities of several prediction folders",
                 "Average the <case>.npz probabilities of several prediction folders and write segmentations.")

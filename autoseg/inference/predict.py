@@ -33,12 +33,12 @@ from autoseg.io.dicom import (
     DICOM_SEG_ENDING, find_dicom_series, is_dicom_file, read_dicom_series, require_dicom_seg_writer,
     write_dicom_seg,
 )
+from autoseg.io.readers import NATURAL_IMAGE_ENDINGS
 
 log = logging.getLogger(__name__)
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _LOOKS_LIKE_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.[^/]+$")
-POSTPROCESSING_FILE = "postprocessing.json"
 # "nifti": a label image with the input's file ending (NIfTI for DICOM series); "dicom-seg": a DICOM
 # Segmentation referencing the input series (DICOM input only)
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
@@ -74,12 +74,20 @@ class PredictReport:
 
 
 # ---------------------------------------------------------------------------------------- input cases
-def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
-    """Cases in a folder of ``<case>_<CCCC><ending>`` files, or the one case of a single file; DICOM series
-    in the folder or its subfolders are cases too (:func:`autoseg.io.find_dicom_series` names them).
+def find_input_cases(input_path: str | os.PathLike, num_channels: int | None = None) -> list[InputCase]:
+    """Cases in a folder of images, or the one case of a single file; DICOM series in the folder or its
+    subfolders are cases too (:func:`autoseg.io.find_dicom_series` names them).
 
-    Files named like channel files but with an ending autoseg cannot read, and cases with gaps in their
-    channel numbers, become cases with a ``problem``. Other files (dataset.json, notes) are ignored.
+    Naming: ``<case>_<CCCC><ending>``, one file per channel, as in the raw ``imagesTs/``. A model with ONE
+    channel (``num_channels=1``) also takes images as people name them: any image file is channel 0 of the
+    case named like the file without its ending (``hippocampus_001.nii.gz`` -> case ``hippocampus_001``;
+    ``x_0000.nii.gz`` stays case ``x``). With several channels (or ``num_channels=None``, unknown) the
+    ``_CCCC`` rule stays; with the count known, a case lacking channel files (or a file without a channel
+    number) is reported with the file names it needs.
+
+    Files named like channel files but with an ending autoseg cannot read, cases with gaps in their channel
+    numbers, and two files that would be the same case become cases with a ``problem``. Other files
+    (dataset.json, notes) are ignored.
     """
     path = Path(input_path)
     if path.is_file() and is_dicom_file(path):
@@ -99,6 +107,7 @@ def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
     groups: dict[str, dict[int, Path]] = {}
     endings: dict[str, set[str]] = {}
     problems: dict[str, str] = {}
+    unnumbered: dict[str, tuple[Path, str]] = {}  # case -> (file, ending) of images without _CCCC
     for item in sorted(path.iterdir()):
         if item.name.startswith(".") or not item.is_file():
             continue
@@ -111,13 +120,36 @@ def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
             else:
                 log.debug("ignoring %s (not an image)", item)
             continue
-        match = _CHANNEL.match(item.name[: -len(ending)])
+        stem = item.name[: -len(ending)]
+        match = _CHANNEL.match(stem)
         if not match:
-            log.warning("ignoring %s: image names must end in _0000%s (channel index)", item, ending)
+            if num_channels == 1:
+                unnumbered[stem] = (item, ending)  # one-channel model: any image is a case, named like the file
+            elif num_channels is None:
+                log.warning("ignoring %s: image names must end in _0000%s (channel index)", item, ending)
+            else:
+                expected = ", ".join(f"{stem}_{c:04d}{ending}" for c in range(num_channels))
+                problems.setdefault(stem, f"{item}: the model takes {num_channels} channels, one file each; "
+                                    f"expected {expected} (rename the files, or use a one-channel model)")
             continue
         case_id = match.group("case")
         groups.setdefault(case_id, {})[int(match.group("channel"))] = item
         endings.setdefault(case_id, set()).add(ending)
+    if num_channels == 1:
+        # scan_0001, scan_0002 without a scan_0000: scans numbered by people, not channels; each is a case.
+        # (x_0000 with x_0001 stays one case with two channel files, reported as such below.)
+        for case_id in [c for c, channels in groups.items() if 0 not in channels]:
+            for channel, item in groups.pop(case_id).items():
+                unnumbered[f"{case_id}_{channel:04d}"] = (item, file_ending(item) or "")
+            endings.pop(case_id, None)
+    for case_id, (item, ending) in sorted(unnumbered.items()):
+        if case_id in groups:
+            other = groups[case_id][min(groups[case_id])]
+            problems[case_id] = (f"{item} and {other} would both be case '{case_id}'; keep one of them "
+                                 "(or rename one) so each case has one image")
+            continue
+        groups[case_id] = {0: item}
+        endings[case_id] = {ending}
 
     cases = []
     for case_id in sorted(set(groups) | set(problems)):
@@ -130,6 +162,15 @@ def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
         if problem is None and sorted(channels) != list(range(len(channels))):
             found = ", ".join(f"_{c:04d}" for c in sorted(channels))
             problem = (f"{files[0]}: channel files must be numbered _0000, _0001, ... without gaps; found {found}")
+        if problem is None and num_channels is not None and len(channels) != num_channels and not (
+            len(channels) == 1 and case_endings[0] in NATURAL_IMAGE_ENDINGS  # a colour image holds its channels
+        ):
+            ending = case_endings[0]
+            expected = ", ".join(f"{case_id}_{c:04d}{ending}" for c in range(num_channels))
+            missing = [f"{case_id}_{c:04d}{ending}" for c in range(num_channels) if c not in channels]
+            found = ", ".join(f.name for f in files)
+            problem = (f"{files[0]}: expected {num_channels} channel file(s) per case ({expected}), found {found}"
+                       + (f"; missing {', '.join(missing)}" if missing else "; the model takes fewer channels"))
         cases.append(InputCase(case_id, files, case_endings[0] if case_endings else "", problem))
     taken = {case.case_id for case in cases}
     for series in find_dicom_series(path):
@@ -140,33 +181,11 @@ def find_input_cases(input_path: str | os.PathLike) -> list[InputCase]:
         cases.append(InputCase(series.name, series.files, DICOM_OUTPUT_ENDING, clash, dicom=True))
     if not cases:
         raise PredictionError(
-            f"{path}: no images named <case>_0000<ending> (endings: {', '.join(SUPPORTED_ENDINGS)}) and no DICOM "
-            "series found; name the files like the raw imagesTs/ folder, or pass a folder of DICOM series"
+            f"{path}: no images found ({'any image file' if num_channels == 1 else 'names <case>_0000<ending>'}"
+            f", endings: {', '.join(SUPPORTED_ENDINGS)}) and no DICOM series; name the files like the raw "
+            "imagesTs/ folder, or pass a folder of DICOM series"
         )
     return sorted(cases, key=lambda case: case.case_id)
-
-
-# ----------------------------------------------------------------------------------------- postprocessing
-def load_postprocessing_rules(model_folder: Path) -> Any | None:
-    """The rules find-best wrote for this model, or None when there are none (or the evaluation package
-    that applies them is not installed)."""
-    if not (model_folder / POSTPROCESSING_FILE).is_file():
-        return None
-    try:
-        from autoseg.evaluation.postprocessing import load_postprocessing
-    except ImportError:
-        log.warning("%s exists but autoseg.evaluation.postprocessing is not available; not applying it",
-                    model_folder / POSTPROCESSING_FILE)
-        return None
-    rules = load_postprocessing(model_folder)
-    log.info("applying postprocessing from %s", model_folder / POSTPROCESSING_FILE)
-    return rules
-
-
-def _apply_postprocessing(segmentation: np.ndarray, rules: Any) -> np.ndarray:
-    from autoseg.evaluation.postprocessing import apply_postprocessing
-
-    return apply_postprocessing(segmentation, rules)
 
 
 # ------------------------------------------------------------------------------------------- the stages
@@ -196,7 +215,7 @@ def _export(
     log_probabilities: torch.Tensor,
     output: Path,
     save_probabilities: bool,
-    rules: Any | None,
+    postprocess: bool,
     output_format: str = "nifti",
 ) -> tuple[Path, float]:
     """Restore to the original grid slab by slab and write (runs in a worker thread). With
@@ -215,8 +234,8 @@ def _export(
             f"{case.files[0]}: restored prediction has shape {segmentation.shape}, the image "
             f"{geometry.shape}; this is a bug in preprocessing/restore, please report it"
         )
-    if rules is not None:
-        segmentation = _apply_postprocessing(segmentation, rules)
+    if postprocess:
+        segmentation = predictor.postprocess(segmentation)
     if output_format == "dicom-seg":
         target = output / f"{case.case_id}{DICOM_SEG_ENDING}"
         write_dicom_seg(segmentation, geometry, case.files, predictor.plans.labels, target)
@@ -284,8 +303,8 @@ def check_output_folder(output: str | os.PathLike) -> Path:
 def predict(
     input: str | os.PathLike,
     output: str | os.PathLike,
-    dataset: str | int,
-    configuration: str,
+    dataset: str | int | None = None,
+    configuration: str | None = None,
     folds: Sequence[int | str] | None = None,
     root: str | os.PathLike | None = None,
     architecture: str | None = None,
@@ -301,12 +320,15 @@ def predict(
     part: int = 0,
     parts: int = 1,
     output_format: str = "nifti",
+    bundle: str | os.PathLike | None = None,
 ) -> PredictReport:
     """Predict every case of ``input`` into ``output`` (docs/prediction.md).
 
-    ``folds=None`` uses every trained fold. ``predictor``: an already loaded model (then ``dataset``,
-    ``configuration``, ``folds``, ``architecture``, ``checkpoint``, ``device``, ``step_size`` and ``mirror``
-    are taken from it). ``part``/``parts``: predict only this job's share of the cases (:func:`select_part`).
+    ``folds=None`` uses every trained fold. ``bundle``: a model bundle from ``autoseg export`` instead of
+    ``dataset``/``configuration`` under the data root. ``predictor``: an already loaded model (then ``dataset``,
+    ``configuration``, ``bundle``, ``folds``, ``architecture``, ``checkpoint``, ``device``, ``step_size`` and
+    ``mirror`` are taken from it, and its own postprocessing rules are applied unless ``postprocess=False``).
+    ``part``/``parts``: predict only this job's share of the cases (:func:`select_part`).
     ``output_format``: one of :data:`OUTPUT_FORMATS` (:func:`_dicom_seg_cases` for "dicom-seg").
     Returns a report; ``ok`` is False when any case failed.
 
@@ -317,20 +339,34 @@ def predict(
     when all writers are behind. Threads cannot outlive the process; on an error or Ctrl-C the queued work is
     cancelled and only the cases already running finish.
     """
-    cases = select_part(find_input_cases(input), int(part), int(parts))
+    select_part([], int(part), int(parts))  # a bad --part/--parts stops before anything is created or loaded
     if output_format not in OUTPUT_FORMATS:
         raise ConfigurationError(f"--output-format {output_format}: unknown; use one of {', '.join(OUTPUT_FORMATS)}")
+    # an input without a single image stops before the model loads (every image counts as some case with one
+    # channel); the naming is checked against the model's channel count once it is loaded, below
+    first_look = find_input_cases(input, num_channels=1)
     if output_format == "dicom-seg":
-        cases = _dicom_seg_cases(cases, input)
+        _dicom_seg_cases(first_look, input)  # highdicom present, series in the input: before the model loads
     output = check_output_folder(output)
     if predictor is None:
         if folds is not None:
             folds = [int(f) if str(f).isdigit() else str(f) for f in folds]
-        predictor = Predictor.from_folder(
-            dataset, configuration, folds=folds, root=root, architecture=architecture, checkpoint=checkpoint,
-            device=device, step_size=step_size, mirror=mirror, mixed_precision=mixed_precision,
-        )
-    rules = load_postprocessing_rules(predictor.sources[0].parent.parent) if postprocess and predictor.sources else None
+        if bundle is not None:
+            predictor = Predictor.from_bundle(bundle, folds=folds, device=device, step_size=step_size, mirror=mirror,
+                                              mixed_precision=mixed_precision, postprocess=postprocess)
+        elif dataset is None or configuration is None:
+            raise ConfigurationError("predict needs the model: a bundle (-m model.zip) or a dataset and "
+                                     "configuration (-d DATASET -c CONFIGURATION)")
+        else:
+            predictor = Predictor.from_folder(
+                dataset, configuration, folds=folds, root=root, architecture=architecture, checkpoint=checkpoint,
+                device=device, step_size=step_size, mirror=mirror, mixed_precision=mixed_precision,
+                postprocess=postprocess,
+            )
+    # the model's channel count decides how files are named (find_input_cases), so cases are found after it loads
+    cases = select_part(find_input_cases(input, num_channels=predictor.plans.num_channels), int(part), int(parts))
+    if output_format == "dicom-seg":
+        cases = _dicom_seg_cases(cases, input)
     report = PredictReport(ok=True)
     workers = max(1, int(num_workers))
     log.info("predicting %d case(s)%s from %s into %s (%d fold(s), %s, mirror %s, step %.2f)",
@@ -401,8 +437,8 @@ def predict(
                 if len(pending_writes) >= workers:
                     pending_writes[0][1].exception()  # waits for the oldest write without raising
             pending_writes.append((case, writers.submit(
-                _export, predictor, loaded, log_probabilities, output, save_probabilities, rules, output_format),
-                network_seconds))
+                _export, predictor, loaded, log_probabilities, output, save_probabilities, postprocess,
+                output_format), network_seconds))
             del log_probabilities, loaded
             collect_write(block=False)
             progress.update(1)

@@ -2,14 +2,15 @@
 
 A :class:`Predictor` holds one network per fold (built once, eval mode, on the chosen device), the plans and
 the configuration they were trained with (taken from the checkpoint metadata, so a results folder is
-self-contained). ``predict_preprocessed`` runs the sliding window per fold and averages the softmax over
-folds; ``predict_array``/``predict_files`` add preprocessing and the mapping back onto the original grid.
+self-contained), and the postprocessing rules `autoseg find-best` chose for it. ``predict_preprocessed`` runs
+the sliding window per fold and averages the softmax over folds; ``predict_array``/``predict_files``/``predict``
+add preprocessing, the mapping back onto the original grid and the postprocessing, as `autoseg predict` does.
 
 Example::
 
     from autoseg.inference import Predictor
-    predictor = Predictor.from_folder("Hippocampus", "3d_fullres", folds=[0, 1])
-    segmentation, probabilities, geometry = predictor.predict_files(["case_0000.nii.gz"])
+    predictor = Predictor.from_folder("Hippocampus", "3d_fullres", folds=[0, 1])   # or .from_bundle("model.zip")
+    segmentation, geometry = predictor.predict("case_0000.nii.gz")
 """
 from __future__ import annotations
 
@@ -197,6 +198,10 @@ class Predictor:
         # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
         # extra one-hot input channels; set by from_folder, or by hand when building from checkpoints
         self.previous_stage: Predictor | None = None
+        # the largest-component rules find-best chose (autoseg.evaluation.postprocessing.PostprocessingRules),
+        # applied by predict/predict_array/predict_files/predict_segmentation and by `autoseg predict`; set by
+        # from_folder and from_bundle, None = no postprocessing
+        self.postprocessing: Any | None = None
 
     # ---------------------------------------------------------------------------------- construction
     @classmethod
@@ -265,22 +270,82 @@ class Predictor:
         mirror: bool = True,
         window_batch_size: int = DEFAULT_WINDOW_BATCH,
         mixed_precision: bool = True,
+        postprocess: bool = True,
     ) -> "Predictor":
-        """The trained folds of ``configuration`` in ``results/<dataset>/<configuration>__<arch>/``."""
+        """The trained folds of ``configuration`` in ``results/<dataset>/<configuration>__<arch>/``, with the
+        ``postprocessing.json`` find-best wrote there (``postprocess=False`` ignores it)."""
         folder = model_folder(dataset, configuration, root=root, architecture=architecture)
         paths = find_fold_checkpoints(folder, folds, checkpoint)
         log.info("model %s, folds %s", folder, ", ".join(str(_fold_of(p)) for p in paths))
         predictor = cls.from_checkpoints(paths, device=device, step_size=step_size, mirror=mirror,
                                          window_batch_size=window_batch_size, mixed_precision=mixed_precision)
+        if postprocess:
+            predictor.postprocessing = load_postprocessing_rules(folder)
         previous = predictor.configuration.previous_stage
         if previous:
-            # the low-resolution stage uses all of its own trained folds (nnU-Net predicts it the same way)
+            # the low-resolution stage uses all of its own trained folds (nnU-Net predicts it the same way), and
+            # no postprocessing: the cascade was trained on its raw cross-validation predictions
             log.info("cascade: predicting %s first", previous)
             predictor.previous_stage = cls.from_folder(
                 dataset, previous, folds=None, root=root, checkpoint=checkpoint, device=predictor.device,
                 step_size=step_size, mirror=mirror, window_batch_size=window_batch_size,
-                mixed_precision=mixed_precision,
+                mixed_precision=mixed_precision, postprocess=False,
             )
+        return predictor
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | os.PathLike,
+        folds: Sequence[int | str] | None = None,
+        device: torch.device | str = "auto",
+        step_size: float = 0.5,
+        mirror: bool = True,
+        window_batch_size: int = DEFAULT_WINDOW_BATCH,
+        mixed_precision: bool = True,
+        postprocess: bool = True,
+    ) -> "Predictor":
+        """The model in a bundle written by ``autoseg export`` (:mod:`autoseg.inference.bundle`): no data root
+        needed. ``folds``: a subset of the bundle's folds (default: all of them); ``postprocess=False``
+        ignores the bundle's postprocessing.json. Raises CheckpointError for anything but a valid bundle."""
+        from autoseg.inference.bundle import read_bundle
+
+        bundle = read_bundle(path)
+        manifest = bundle.manifest
+        chosen = bundle.weights
+        if folds is not None:
+            wanted = [str(f) for f in folds]
+            available = [str(fold.fold) for fold, _ in bundle.weights]
+            missing = [f for f in wanted if f not in available]
+            if missing:
+                raise CheckpointError(
+                    f"{path}: fold(s) {', '.join(missing)} are not in this bundle (it holds {', '.join(available)}); "
+                    "pick from those or leave out -f"
+                )
+            chosen = [entry for entry in bundle.weights if str(entry[0].fold) in wanted]
+        if manifest.num_classes != bundle.plans.num_classes:
+            raise CheckpointError(
+                f"{path}: the manifest says {manifest.num_classes} classes but plans.json lists "
+                f"{bundle.plans.num_classes} labels; the bundle is inconsistent, export it again"
+            )
+        def stage(configuration: Configuration, in_channels: int, num_classes: int, weights: list) -> "Predictor":
+            networks = [build_network(configuration, in_channels, num_classes, state_dict, Path(f"{path}:{fold.weights}"))
+                        for fold, state_dict in weights]
+            return cls(networks, bundle.plans, configuration, in_channels, device=device, step_size=step_size,
+                       mirror=mirror, window_batch_size=window_batch_size, sources=[Path(path)],
+                       mixed_precision=mixed_precision)
+
+        log.info("model %s (%s, %s), folds %s", path, manifest.configuration, manifest.architecture,
+                 ", ".join(str(fold.fold) for fold, _ in chosen))
+        predictor = stage(bundle.configuration, manifest.in_channels, manifest.num_classes, chosen)
+        if postprocess and bundle.postprocessing is not None:
+            predictor.postprocessing = postprocessing_rules_from_json(bundle.postprocessing, f"{path}:postprocessing.json")
+        if manifest.previous_stage is not None and bundle.previous_configuration is not None:
+            # as from_folder: all of the previous stage's folds, no postprocessing (the cascade learnt from raw
+            # cross-validation predictions)
+            previous = manifest.previous_stage
+            predictor.previous_stage = stage(bundle.previous_configuration, previous.in_channels,
+                                             previous.num_classes, bundle.previous_weights)
         return predictor
 
     # ------------------------------------------------------------------------------------ prediction
@@ -412,25 +477,41 @@ class Predictor:
         return restore_segmentation_in_slabs(log_probabilities, properties, self.configuration, probabilities,
                                              slab_bytes=self.restore_slab_bytes)
 
+    def postprocess(self, segmentation: np.ndarray) -> np.ndarray:
+        """Apply :attr:`postprocessing` (find-best's largest-component rules) to a label map on the original
+        grid; unchanged when there are none. The one place both the CLI and the Python API do it."""
+        if self.postprocessing is None:
+            return segmentation
+        from autoseg.evaluation.postprocessing import apply_postprocessing
+
+        return apply_postprocessing(segmentation, self.postprocessing)
+
     def predict_segmentation(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """The label map ``[*geometry.shape]`` of a raw image ``[C, (Z,) Y, X]``, with the memory of
-        ``autoseg predict`` (no float32 probabilities on either grid); a cascade's previous stage uses it."""
+        """The label map ``[*geometry.shape]`` of a raw image ``[C, (Z,) Y, X]``, postprocessed, with the memory
+        of ``autoseg predict`` (no float32 probabilities on either grid); a cascade's previous stage uses it."""
         self.check_image(image, geometry)
         data, properties = self.preprocess(image, geometry)
         log_probabilities = self.predict_log_probabilities(data)
         del data
-        return self.restore_segmentation(log_probabilities, properties)
+        return self.postprocess(self.restore_segmentation(log_probabilities, properties))
 
     def predict_array(
-        self, image: np.ndarray, geometry: Geometry, previous_segmentation: np.ndarray | None = None
+        self,
+        image: np.ndarray,
+        geometry: Geometry | None = None,
+        previous_segmentation: np.ndarray | None = None,
+        spacing: Sequence[float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(segmentation [*geometry.shape] uint8/uint16, probabilities float32 [K, *geometry.shape])`` for a raw
-        image ``[C, (Z,) Y, X]`` with its geometry (as returned by ``autoseg.io.read_image``).
-        ``previous_segmentation``: cascade only, the previous stage's result on the same grid."""
+        image ``[C, (Z,) Y, X]`` with its geometry (as returned by ``autoseg.io.read_image``), or with only its
+        ``spacing`` (array axis order, mm; see :func:`array_geometry`). The segmentation is postprocessed, the
+        probabilities are the network's. ``previous_segmentation``: cascade only, the previous stage's result
+        on the same grid."""
+        geometry = self._geometry_for(image, geometry, spacing)
         self.check_image(image, geometry)
         data, properties = self.preprocess(image, geometry, previous_segmentation=previous_segmentation)
         probabilities = self.restore(self.predict_preprocessed(data), properties)
-        return probabilities_to_segmentation(probabilities), probabilities
+        return self.postprocess(probabilities_to_segmentation(probabilities)), probabilities
 
     def predict_files(self, files: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, Geometry]:
         """Read a case's channel files and predict: ``(segmentation, probabilities, geometry)``."""
@@ -439,6 +520,87 @@ class Predictor:
         self.check_image(image, geometry, name=str(first))
         segmentation, probabilities = self.predict_array(image, geometry)
         return segmentation, probabilities, geometry
+
+    def predict(
+        self,
+        image: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
+        spacing: Sequence[float] | None = None,
+        geometry: Geometry | None = None,
+    ) -> tuple[np.ndarray, Geometry]:
+        """``(segmentation, geometry)`` for one case, the way `autoseg predict` makes it (memory-bounded,
+        postprocessed), without probabilities.
+
+        ``image``: a file, a list of channel files (``_0000``, ``_0001``, ...), or an array ``[C, (Z,) Y, X]``
+        (a single-channel ``[(Z,) Y, X]`` array when the model has one channel and ``geometry``/``spacing``
+        say how many axes it has). For an array give its ``geometry``, or only its ``spacing`` (mm, array axis
+        order): identity direction and zero origin are assumed.
+        """
+        if isinstance(image, np.ndarray):
+            array = np.asarray(image, dtype=np.float32)
+            dims = len(geometry.shape) if geometry is not None else len(spacing) if spacing is not None else None
+            if dims is not None and array.ndim == dims and self.in_channels == 1:
+                array = array[None]  # one channel given without its channel axis
+            geometry = self._geometry_for(array, geometry, spacing)
+            name = "array"
+        else:
+            if spacing is not None or geometry is not None:
+                raise ConfigurationError(
+                    f"{image}: spacing/geometry are for arrays; a file carries its own geometry, pass the path alone"
+                )
+            array, geometry = read_image(image)
+            name = str(image if isinstance(image, (str, os.PathLike)) else image[0])
+        self.check_image(array, geometry, name=name)
+        return self.predict_segmentation(array, geometry), geometry
+
+    @staticmethod
+    def _geometry_for(image: np.ndarray, geometry: Geometry | None, spacing: Sequence[float] | None) -> Geometry:
+        if geometry is not None:
+            if spacing is not None:
+                raise ConfigurationError("give either geometry or spacing for an array, not both")
+            return geometry
+        if spacing is None:
+            raise ConfigurationError(
+                f"an image array {tuple(image.shape)} needs its voxel spacing: pass spacing=(z, y, x) in mm "
+                "(or geometry=, e.g. from autoseg.io.read_image)"
+            )
+        return array_geometry(image, spacing)
+
+
+def array_geometry(image: np.ndarray, spacing: Sequence[float]) -> Geometry:
+    """The geometry of an array ``[C, (Z,) Y, X]`` known only by its ``spacing`` (mm, array axis order):
+    identity direction and zero origin, which is what a segmentation written with it will carry."""
+    dims = image.ndim - 1
+    if len(spacing) != dims or dims not in (2, 3):
+        raise ConfigurationError(
+            f"image array of shape {tuple(image.shape)} is [C, {'Z, ' if dims == 3 else ''}Y, X] with {dims} "
+            f"spatial axes, but spacing {tuple(spacing)} has {len(spacing)}; give one spacing per spatial axis "
+            "(a single-channel array needs a leading channel axis: image[None])"
+        )
+    if any(not float(s) > 0 for s in spacing):
+        raise ConfigurationError(f"spacing {tuple(spacing)}: every voxel size must be a positive number of mm")
+    return Geometry(
+        shape=tuple(int(v) for v in image.shape[1:]),
+        spacing=tuple(float(v) for v in spacing),
+        origin=(0.0,) * dims,
+        direction=tuple(float(v) for v in np.eye(dims).ravel()),
+    )
+
+
+def load_postprocessing_rules(model_folder: Path) -> Any | None:
+    """The rules find-best wrote into ``model_folder/postprocessing.json``, or None when there are none."""
+    from autoseg.evaluation.postprocessing import load_postprocessing
+
+    rules = load_postprocessing(model_folder)
+    if rules is not None:
+        log.info("postprocessing from %s: %s", model_folder / "postprocessing.json", rules.describe())
+    return rules
+
+
+def postprocessing_rules_from_json(data: dict[str, Any], source: str) -> Any:
+    """Rules from the JSON of a postprocessing.json (as a bundle holds it)."""
+    from autoseg.evaluation.postprocessing import PostprocessingRules
+
+    return PostprocessingRules.from_json(data, source)
 
 
 def foreground_one_hot(segmentation: np.ndarray, num_classes: int) -> np.ndarray:

@@ -235,6 +235,7 @@ def test_cli_predict_exit_codes(tmp_path: Path, identity_preprocessing: None) ->
 
 def test_postprocessing_json_applied_when_present(tmp_path: Path, identity_preprocessing: None) -> None:
     from autoseg.evaluation.postprocessing import PostprocessingRules, save_postprocessing
+    from autoseg.inference.predictor import load_postprocessing_rules
 
     plans = make_plans(3, spacing=(2.0, 1.0, 1.0))
     model = tmp_path / "results" / "3d_fullres__unet"
@@ -245,6 +246,8 @@ def test_postprocessing_json_applied_when_present(tmp_path: Path, identity_prepr
                 tmp_path / "in" / "pp_0000.nii.gz")
     save_postprocessing(model, PostprocessingRules(largest_component_labels=[1], labels=[1, 2]))
     predictor = _predictor(plans, [ThresholdNetwork()], sources=[model / "fold_0" / "checkpoint_final.pt"])
+    # the rules travel with the predictor (from_folder and from_bundle set them; here by hand)
+    predictor.postprocessing = load_postprocessing_rules(model)
 
     assert predict(tmp_path / "in", tmp_path / "raw_out", "x", "3d_fullres", predictor=predictor,
                    postprocess=False).ok
