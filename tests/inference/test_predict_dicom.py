@@ -77,7 +77,7 @@ def test_discovery_splits_one_folder_by_series_uid_and_rejects_non_dicom(tmp_pat
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "IM0001").write_bytes(b"\x00" * 200)  # no DICM magic
     (tmp_path / "text" / "notes.txt").write_text("hello")
-    with pytest.raises(PredictionError, match=r"text: no images named .* and no DICOM series found"):
+    with pytest.raises(PredictionError, match=r"text: no images found .* and no DICOM series"):
         find_input_cases(tmp_path / "text")
 
 
