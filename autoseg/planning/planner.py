@@ -501,12 +501,12 @@ def plan_from_fingerprint(
     if base_fullres is not None and {"3d_lowres", "3d_cascade_fullres"} & wanted:
         # the 25 % rule is judged on the default architecture's own (memory-limited) full-resolution patch:
         # the plain U-Net's, or a preset's architecture's
-        fullres_unet = plan_network(
+        fullres_default = plan_network(
             default_architecture, base_fullres.spacing, base_fullres.median_shape, in_channels, num_classes,
             gpu_memory_gb, dataset_voxels, options=dict(networks.get(default_architecture).default_options),
             max_dataset_fraction=max_dataset_fraction,
         )
-        lowres = _plan_lowres(fullres_unet, fullres_spacing, fullres_median, num_cases, in_channels,
+        lowres = _plan_lowres(fullres_default, fullres_spacing, fullres_median, num_cases, in_channels,
                               num_classes, gpu_memory_gb, max_dataset_fraction=max_dataset_fraction)
         if lowres is None:
             if configurations is not None:
@@ -517,7 +517,7 @@ def plan_from_fingerprint(
                 )
         else:
             spacing, median, plan = lowres
-            coverage = 100 * math.prod(fullres_unet.patch_size) / float(np.prod(fullres_median))
+            coverage = 100 * math.prod(fullres_default.patch_size) / float(np.prod(fullres_median))
             base_lowres = _Base(
                 "3d_lowres", "3d_lowres", spacing.tolist(), median.tolist(), float(np.prod(median)) * num_cases,
                 _resampling(spacing),

@@ -127,3 +127,15 @@ def test_cli_plan_with_a_preset_writes_it_and_says_which_size_won(tmp_path, caps
 
     assert main(common + ["--preset", "resenc-s"]) == 1
     assert "unknown preset 'resenc-s'" in capsys.readouterr().err
+
+
+def test_the_presets_architecture_judges_the_lowres_rule_and_forms_the_cascade():
+    fingerprint = crafted_fingerprint(*uniform(30, (1.0, 1.0, 1.0), (400, 400, 400), jitter=0.0))
+    plans = plan_from_fingerprint(fingerprint, configurations=["3d_fullres", "3d_lowres", "3d_cascade_fullres"],
+                                  preset="resenc-m")
+    assert set(plans.configurations) == {"3d_fullres_resenc", "3d_lowres_resenc", "3d_cascade_fullres_resenc"}
+    assert plans.default_configurations == ["3d_fullres_resenc", "3d_cascade_fullres_resenc"]
+    lowres = plans.configurations["3d_lowres_resenc"]
+    assert lowres.architecture.name == "resenc"
+    assert math.prod(lowres.patch_size) / math.prod(lowres.median_shape) >= 0.25
+    assert plans.configurations["3d_cascade_fullres_resenc"].previous_stage == "3d_lowres_resenc"
