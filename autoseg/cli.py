@@ -253,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     # names, not choices=: the presets table lives in autoseg.planning, whose import (1.2 s) --help should not pay;
     # an unknown name fails in planning.presets.get_preset with the list
     p.add_argument("--preset", default=None, metavar="{resenc-m,resenc-l,resenc-xl}",
-                   help="nnU-Net's residual-encoder presets: plan only the resenc configurations (the defaults) for "
-                   "8 / 24 / 40 GB without the 5 %% batch cap; --gpu-memory, when given, wins over the preset's size "
-                   "(docs/planning.md, Presets)")
+                   help="nnU-Net's residual-encoder presets: plan the resenc configurations (the defaults; --arch adds "
+                   "others) for 8 / 24 / 40 GB without the 5 %% batch cap; --gpu-memory, when given, wins over the "
+                   "preset's size (docs/planning.md, Presets)")
     p.add_argument("--patch-size", type=int, nargs="+", default=None, help="force this patch size (array order)")
     p.add_argument("--no-preprocess", action="store_true", help="write plans only")
     p.add_argument("--skip-verify", action="store_true", help="plan even if `autoseg verify` finds problems")

@@ -7,7 +7,8 @@ docs/planning.md lists every rule, where its numbers come from and how to overri
 Configurations: ``2d`` and ``3d_fullres`` (3D data), only ``2d`` for 2D images; ``3d_lowres`` and
 ``3d_cascade_fullres`` when the full-resolution patch covers less than a quarter of the median image. Every
 registered architecture whose supported dimensionalities include a base configuration's gets a variant
-``<base>_<arch>``; the default architecture keeps the bare base name.
+``<base>_<arch>``; the default architecture keeps the bare base name. A preset (:mod:`presets`, ``--preset``)
+replaces three settings: the architecture of the default configurations, the GPU size and the batch cap.
 """
 from __future__ import annotations
 

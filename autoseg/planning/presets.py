@@ -1,6 +1,6 @@
 """Planning presets (``autoseg plan D --preset NAME``): named sets of planner settings, as data.
 
-A preset changes three numbers of the planner and nothing else: which architecture the default
+A preset changes three settings of the planner and nothing else: which architecture the default
 configurations use, the GPU memory to plan for, and the cap on how much of the dataset one batch may cover.
 nnU-Net 2.x's residual-encoder presets (shared/reference/nnunet.md, "residual-encoder presets"; Isensee et al.,
 "nnU-Net Revisited", MICCAI 2024) are the entries: ResEnc M / L / XL plan the residual-encoder U-Net for about
