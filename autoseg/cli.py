@@ -70,6 +70,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         preprocess=not args.no_preprocess,
         skip_verify=args.skip_verify,
+        preset=args.preset,
     )
     name = args.dataset
     root = f" --root {args.root}" if args.root else ""
@@ -272,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", default=None, help="only these base configurations (2d 3d_fullres 3d_lowres 3d_cascade_fullres; the "
                    "last two are planned only for images much larger than the patch)")
     p.add_argument("--arch", nargs="+", default=None, help="architectures to plan (default: every one that applies)")
+    # names, not choices=: the presets table lives in autoseg.planning, whose import (1.2 s) --help should not pay;
+    # an unknown name fails in planning.presets.get_preset with the list
+    p.add_argument("--preset", default=None, metavar="{resenc-m,resenc-l,resenc-xl}",
+                   help="nnU-Net's residual-encoder presets: plan the resenc configurations (the defaults; --arch adds "
+                   "others) for 8 / 24 / 40 GB without the 5 %% batch cap; --gpu-memory, when given, wins over the "
+                   "preset's size (docs/planning.md, Presets)")
     p.add_argument("--patch-size", type=int, nargs="+", default=None, help="force this patch size (array order)")
     p.add_argument("--no-preprocess", action="store_true", help="write plans only")
     p.add_argument("--skip-verify", action="store_true", help="plan even if `autoseg verify` finds problems")

@@ -19,7 +19,7 @@ from autoseg.networks.registry import (
 )
 
 # importing an architecture module registers it
-from autoseg.networks import unet, unet2022, unetpp, unetrpp  # noqa: E402,F401
+from autoseg.networks import resenc, unet, unet2022, unetpp, unetrpp  # noqa: E402,F401
 
 __all__ = [
     "ArchitectureInfo",

@@ -171,3 +171,81 @@ def cumulative_strides(strides: Sequence[Sequence[int]]) -> list[tuple[int, ...]
         current = [c * s for c, s in zip(current, stride)]
         out.append(tuple(current))
     return out
+
+
+def avg_pool_class(dims: int) -> type[nn.Module]:
+    """``nn.AvgPool2d`` or ``nn.AvgPool3d``."""
+    return {2: nn.AvgPool2d, 3: nn.AvgPool3d}[_check_dims(dims)]
+
+
+class ResidualBlock(nn.Module):
+    """Residual basic block: conv -> norm -> act -> conv -> norm, plus the skip, then act (He et al. 2016).
+
+    The first conv carries the block's ``stride``. The skip is the identity when shape and channels match;
+    otherwise it average-pools with kernel = stride (the "ResNet-D" skip: a strided 1x1 conv would read only
+    one voxel in ``prod(stride)`` and discard the rest) and projects with a 1x1 conv (no bias: a norm follows)
+    + norm where the channel count changes. This is the block of nnU-Net's residual-encoder U-Net
+    (nnunet.md, "residual-encoder presets"); the convs keep their bias like :class:`ConvNormAct`, so
+    parameter counts match.
+
+    ``zero_init_last_norm``: start the last norm's affine at zero, so every block begins as its skip and a deep
+    encoder trains like a shallow one at first (Goyal et al. 2017, "zero-gamma"; nnU-Net's ResEnc does the
+    same).
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int] | int = 1,
+        norm: str | None = "instance",
+        activation: str = "leaky_relu",
+        zero_init_last_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        kernel_size = as_tuple(kernel_size, dims)
+        stride = as_tuple(stride, dims)
+        conv = conv_class(dims)
+        self.conv1 = ConvNormAct(dims, in_channels, out_channels, kernel_size, stride, norm=norm,
+                                 activation=activation)
+        self.conv2 = conv(out_channels, out_channels, kernel_size, padding=same_padding(kernel_size), bias=True)
+        self.norm2 = norm_layer(norm, dims, out_channels)
+        skip: list[nn.Module] = []
+        if any(s != 1 for s in stride):
+            skip.append(avg_pool_class(dims)(stride, stride=stride))
+        if in_channels != out_channels:
+            skip.append(conv(in_channels, out_channels, 1, bias=False))
+            skip.append(norm_layer(norm, dims, out_channels))
+        self.skip = nn.Sequential(*skip)  # an empty Sequential is the identity
+        self.activation = activation_layer(activation)
+        if zero_init_last_norm and getattr(self.norm2, "weight", None) is not None:
+            nn.init.zeros_(self.norm2.weight)
+            nn.init.zeros_(self.norm2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm2(self.conv2(self.conv1(x))) + self.skip(x))
+
+
+def strided_unet_constraints(
+    patch_size: Sequence[int], strides: Sequence[Sequence[int]] | None, min_bottleneck_voxels: int
+) -> list[str]:
+    """Problems of ``patch_size`` for a U-Net that downsamples by ``strides``: each axis must be divisible by
+    the product of its strides, and the bottleneck must hold at least ``min_bottleneck_voxels`` voxels (instance
+    norm needs more than one value per channel). Empty list = accepted; no strides = nothing to check."""
+    if strides is None:
+        return []
+    divisor = prod_per_axis(strides)
+    bad = [
+        f"axis {axis} size {p} is not divisible by {d}"
+        for axis, (p, d) in enumerate(zip(patch_size, divisor))
+        if p % d
+    ]
+    if bad:
+        return [f"{', '.join(bad)} (product of the strides per axis is {divisor})"]
+    bottleneck = tuple(p // d for p, d in zip(patch_size, divisor))
+    if math.prod(bottleneck) < min_bottleneck_voxels:
+        return [f"the bottleneck {bottleneck} holds fewer than {min_bottleneck_voxels} voxels (normalisation "
+                "needs more than one value per channel); use fewer downsamplings or a larger patch"]
+    return []

@@ -21,6 +21,7 @@ from autoseg.planning.fingerprint import (
 )
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
 from autoseg.planning.plans import PLANS_FILE, Plans, load_plans, save_plans
+from autoseg.planning.presets import get_preset, preset_memory
 from autoseg.planning.splits import create_splits, fold_cases, load_splits
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def plan_dataset(
     preprocess: bool = True,
     skip_verify: bool = False,
     show_summary: bool = True,
+    preset: str | None = None,
 ) -> Plans:
     """Plan ``dataset`` (folder name, number or name) and write, under ``preprocessed/<dataset>/``,
     ``fingerprint.json``, ``plans.json`` and (once) ``splits.json``; then preprocess the default
@@ -70,12 +72,17 @@ def plan_dataset(
     (:func:`autoseg.device.gpu_memory_budget`). ``configurations``: base configurations to plan (2d,
     3d_fullres, 3d_lowres, 3d_cascade_fullres);
     ``architectures``: registry names (default: all that apply); ``patch_size``: force the patch of every
-    configuration with as many axes; ``show_summary``: print the table of configurations.
+    configuration with as many axes; ``show_summary``: print the table of configurations; ``preset``: a planning
+    preset (:mod:`autoseg.planning.presets`: ``resenc-m``, ``resenc-l``, ``resenc-xl``), whose GPU size replaces
+    the device's unless ``gpu_memory_gb`` is given.
     """
     from autoseg.device import gpu_memory_budget
     from autoseg.paths import resolve_dataset
 
-    gpu_memory_gb, budget_source = gpu_memory_budget(gpu_memory_gb)
+    if preset is not None:  # checked before the slow fingerprint; the preset's size replaces the device's
+        gpu_memory_gb, budget_source = preset_memory(get_preset(preset), gpu_memory_gb)
+    else:
+        gpu_memory_gb, budget_source = gpu_memory_budget(gpu_memory_gb)
     if show_summary:
         print(budget_source)  # part of the user-facing summary, before the slow fingerprint
     else:
@@ -94,7 +101,7 @@ def plan_dataset(
 
     plans = plan_from_fingerprint(
         fingerprint, gpu_memory_gb=gpu_memory_gb, configurations=configurations,
-        architectures=architectures, patch_size=patch_size,
+        architectures=architectures, patch_size=patch_size, preset=preset,
     )
     save_plans(plans, location.preprocessed / PLANS_FILE)
     create_splits(location.preprocessed, fingerprint.case_ids)

@@ -7,7 +7,8 @@ docs/planning.md lists every rule, where its numbers come from and how to overri
 Configurations: ``2d`` and ``3d_fullres`` (3D data), only ``2d`` for 2D images; ``3d_lowres`` and
 ``3d_cascade_fullres`` when the full-resolution patch covers less than a quarter of the median image. Every
 registered architecture whose supported dimensionalities include a base configuration's gets a variant
-``<base>_<arch>``; the default architecture keeps the bare base name.
+``<base>_<arch>``; the default architecture keeps the bare base name. A preset (:mod:`presets`, ``--preset``)
+replaces three settings: the architecture of the default configurations, the GPU size and the batch cap.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from autoseg.planning.plans import (
     Plans,
     Resampling,
 )
+from autoseg.planning.presets import get_preset
 from autoseg.planning.spacing import (
     ANISOTROPY_THRESHOLD,
     coarse_axis,
@@ -45,6 +47,9 @@ from autoseg.planning.topology import Topology, plan_topology
 logger = logging.getLogger(__name__)
 
 DEFAULT_ARCHITECTURE = "unet"  # the plain U-Net keeps the bare configuration names (design.md section 3)
+# nnunet.md: nnU-Net's reference GPU size; the same number as autoseg.device.DEFAULT_GPU_MEMORY_GB, not imported
+# from there because device imports torch and preprocessing workers import this module
+DEFAULT_GPU_MEMORY_GB = 8.0
 BASE_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 # nnunet.md: initial patch of 256^3 voxels (3D) / 2048^2 pixels (2D), shaped like the physical extent
@@ -214,6 +219,7 @@ def plan_network(
     patch_size: Sequence[int] | None = None,
     options: dict[str, Any] | None = None,
     max_steps: int = 500,
+    max_dataset_fraction: float = MAX_DATASET_FRACTION_PER_BATCH,
 ) -> NetworkPlan:
     """Patch, topology and batch size of ``architecture`` at ``spacing`` (mm) for images of ``median_shape``
     (voxels at that spacing), within ``gpu_memory_gb``.
@@ -221,7 +227,8 @@ def plan_network(
     Start from :func:`initial_patch` (or the forced ``patch_size``, then no shrinking); while the estimate at
     the reference batch exceeds the budget, shrink the axis with the largest patch/median ratio by one
     divisibility step and re-derive the topology. The batch is what the remaining budget holds, capped so a
-    batch covers at most 5 % of ``dataset_voxels``, and at least 2.
+    batch covers at most ``max_dataset_fraction`` (5 %; a preset may lift it) of ``dataset_voxels``, and at
+    least 2.
     """
     dims = len(spacing)
     options = dict(options or {})
@@ -280,10 +287,13 @@ def plan_network(
             )
 
     fitting = batch_size_for_budget(per_sample, fixed, budget)
-    cap = int(round(dataset_voxels * MAX_DATASET_FRACTION_PER_BATCH / math.prod(patch)))
+    cap = int(round(dataset_voxels * max_dataset_fraction / math.prod(patch)))
     batch = max(min(fitting, cap), MIN_BATCH_SIZE)
     if batch < fitting:
-        notes.append(f"batch {fitting} capped at {batch}: one batch covers at most 5 % of the dataset's voxels")
+        notes.append(
+            f"batch {fitting} capped at {batch}: one batch covers at most {100 * max_dataset_fraction:g} % of the "
+            "dataset's voxels"
+        )
     if fitting < MIN_BATCH_SIZE:
         notes.append(f"batch {MIN_BATCH_SIZE} (the minimum) exceeds the {gpu_memory_gb:g} GB budget")
     return NetworkPlan(architecture, topology, tuple(patch), batch, fixed + batch * per_sample, options, notes)
@@ -326,9 +336,11 @@ def _lowres_spacing(fullres_spacing: np.ndarray, steps: int) -> np.ndarray:
 def _plan_lowres(
     fullres: NetworkPlan, fullres_spacing: np.ndarray, fullres_median: np.ndarray, num_cases: int,
     in_channels: int, num_classes: int, gpu_memory_gb: float, max_steps: int = 400,
+    max_dataset_fraction: float = MAX_DATASET_FRACTION_PER_BATCH,
 ) -> tuple[np.ndarray, np.ndarray, NetworkPlan] | None:
-    """The smallest spacing increase (in 3 % steps) at which the plain U-Net patch covers >= 25 % of the
-    median image, or None when full resolution already covers that much or low resolution saves < 2x."""
+    """The smallest spacing increase (in 3 % steps) at which the patch of ``fullres``'s architecture (the
+    default one: the plain U-Net, or a preset's) covers >= 25 % of the median image, or None when full
+    resolution already covers that much or low resolution saves < 2x."""
     coverage = math.prod(fullres.patch_size) / float(np.prod(fullres_median))
     if coverage >= LOWRES_COVERAGE_THRESHOLD:
         return None
@@ -339,8 +351,9 @@ def _plan_lowres(
             spacing = _lowres_spacing(fullres_spacing, steps)
             median = np.round(fullres_spacing / spacing * fullres_median)
             plan = plan_network(
-                DEFAULT_ARCHITECTURE, spacing.tolist(), median.tolist(), in_channels, num_classes,
-                gpu_memory_gb, float(np.prod(median)) * num_cases,
+                fullres.architecture, spacing.tolist(), median.tolist(), in_channels, num_classes,
+                gpu_memory_gb, float(np.prod(median)) * num_cases, options=fullres.options,
+                max_dataset_fraction=max_dataset_fraction,
             )
             cache[steps] = (spacing, median, plan, math.prod(plan.patch_size) / float(np.prod(median)))
         return cache[steps]
@@ -381,16 +394,30 @@ def _configuration_name(base: str, architecture: str) -> str:
 
 def plan_from_fingerprint(
     fingerprint: Fingerprint,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
     configurations: Sequence[str] | None = None,
     architectures: Sequence[str] | None = None,
     patch_size: Sequence[int] | None = None,
+    preset: str | None = None,
 ) -> Plans:
-    """Plans for a fingerprinted dataset. ``configurations``: base names to plan (default: all that apply);
-    ``architectures``: registry names (default: every registered one); ``patch_size``: force this patch on
-    every configuration with as many axes."""
+    """Plans for a fingerprinted dataset. ``gpu_memory_gb``: GPU size (GiB; None: the preset's, else 8);
+    ``configurations``: base names to plan (default: all that apply); ``architectures``: registry names
+    (default: every registered one); ``patch_size``: force this patch on every configuration with as many
+    axes; ``preset``: a name in :data:`autoseg.planning.presets.PRESETS`. A preset's architecture becomes the
+    default one (its configurations are the defaults and judge the 3d_lowres rule) and is the only one planned
+    unless ``architectures`` adds others; its batch cap applies to every configuration; an explicit
+    ``gpu_memory_gb`` wins over its GPU size (docs/planning.md, "Presets")."""
     from autoseg import networks
 
+    chosen_preset = get_preset(preset) if preset is not None else None
+    default_architecture = DEFAULT_ARCHITECTURE
+    max_dataset_fraction = MAX_DATASET_FRACTION_PER_BATCH
+    if chosen_preset is not None:
+        default_architecture = chosen_preset.architecture
+        max_dataset_fraction = chosen_preset.max_dataset_fraction_per_batch
+        architectures = [chosen_preset.architecture, *(architectures or [])]
+    if gpu_memory_gb is None:
+        gpu_memory_gb = chosen_preset.gpu_memory_gb if chosen_preset is not None else DEFAULT_GPU_MEMORY_GB
     if gpu_memory_gb <= 0:
         raise ConfigurationError(f"--gpu-memory must be positive, got {gpu_memory_gb}; give the GPU size in GB")
     if configurations is not None:
@@ -454,6 +481,7 @@ def plan_from_fingerprint(
                     architecture, base.spacing, base.median_shape, in_channels, num_classes, gpu_memory_gb,
                     base.dataset_voxels, patch_size=forced,
                     options=dict(networks.get(architecture).default_options),
+                    max_dataset_fraction=max_dataset_fraction,
                 )
             except ConfigurationError as exc:  # the architecture's declared constraints cannot be met
                 cache[key] = _one_line(exc)
@@ -472,13 +500,15 @@ def plan_from_fingerprint(
     if base_fullres is not None and "3d_fullres" in wanted:
         emits.append(("3d_fullres", base_fullres, None))
     if base_fullres is not None and {"3d_lowres", "3d_cascade_fullres"} & wanted:
-        # the 25 % rule is judged on the plain U-Net's own (memory-limited) full-resolution patch
-        fullres_unet = plan_network(
-            DEFAULT_ARCHITECTURE, base_fullres.spacing, base_fullres.median_shape, in_channels, num_classes,
-            gpu_memory_gb, dataset_voxels,
+        # the 25 % rule is judged on the default architecture's own (memory-limited) full-resolution patch:
+        # the plain U-Net's, or a preset's architecture's
+        fullres_default = plan_network(
+            default_architecture, base_fullres.spacing, base_fullres.median_shape, in_channels, num_classes,
+            gpu_memory_gb, dataset_voxels, options=dict(networks.get(default_architecture).default_options),
+            max_dataset_fraction=max_dataset_fraction,
         )
-        lowres = _plan_lowres(fullres_unet, fullres_spacing, fullres_median, num_cases, in_channels,
-                              num_classes, gpu_memory_gb)
+        lowres = _plan_lowres(fullres_default, fullres_spacing, fullres_median, num_cases, in_channels,
+                              num_classes, gpu_memory_gb, max_dataset_fraction=max_dataset_fraction)
         if lowres is None:
             if configurations is not None:
                 logger.warning(
@@ -488,14 +518,14 @@ def plan_from_fingerprint(
                 )
         else:
             spacing, median, plan = lowres
-            coverage = 100 * math.prod(fullres_unet.patch_size) / float(np.prod(fullres_median))
+            coverage = 100 * math.prod(fullres_default.patch_size) / float(np.prod(fullres_median))
             base_lowres = _Base(
                 "3d_lowres", "3d_lowres", spacing.tolist(), median.tolist(), float(np.prod(median)) * num_cases,
                 _resampling(spacing),
                 [f"the 3d_fullres patch covers {coverage:.1f} % of the median image (< 25 %): low resolution planned"],
             )
             if patch_size is None:
-                cache[("3d_lowres", DEFAULT_ARCHITECTURE)] = plan
+                cache[("3d_lowres", default_architecture)] = plan
             if "3d_lowres" in wanted:
                 emits.append(("3d_lowres", base_lowres, None))
             if "3d_cascade_fullres" in wanted:
@@ -528,6 +558,8 @@ def plan_from_fingerprint(
             emitted_archs.add(architecture)
             previous = _configuration_name(previous_base, architecture) if previous_base else None
             notes = list(base.notes) + plan.notes
+            if chosen_preset is not None:
+                notes.append(f"preset {chosen_preset.name}: {chosen_preset.description}")
             if previous is not None:
                 notes.append(f"cascade: the one-hot predictions of {previous} become extra input channels")
             result[name] = Configuration(
@@ -569,7 +601,11 @@ def plan_from_fingerprint(
             f"{fingerprint.dataset_name}: nothing to plan for configurations {sorted(wanted)} and architectures "
             f"{arch_names}{reasons}; drop --configs/--arch to plan the defaults"
         )
-    defaults = [n for n in ("2d", "3d_fullres", "3d_cascade_fullres") if n in result]
+    defaults = [
+        name for name in (_configuration_name(base, default_architecture)
+                          for base in ("2d", "3d_fullres", "3d_cascade_fullres"))
+        if name in result
+    ]
     return Plans(
         dataset_name=fingerprint.dataset_name,
         channel_names=dict(fingerprint.channel_names),
@@ -583,6 +619,7 @@ def plan_from_fingerprint(
         gpu_memory_gb=float(gpu_memory_gb),
         transpose_forward=list(transpose_forward),
         skipped=dict(sorted(skipped.items())),
+        preset=chosen_preset.name if chosen_preset is not None else None,
     )
 
 
@@ -615,6 +652,8 @@ def format_plans_table(plans: Plans) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"* default configurations; memory budget {plans.gpu_memory_gb:g} GB")
+    if plans.preset is not None:
+        lines.append(f"preset {plans.preset}")
     if plans.transpose_forward != sorted(plans.transpose_forward):
         lines.append(f"raw array axes transposed {plans.transpose_forward}: spacing and patch are in that order")
     for name, reason in plans.skipped.items():

@@ -162,6 +162,9 @@ class Plans:
     # configurations the planner left out -> the one-line reason (an architecture whose constraints the
     # dataset cannot meet). Optional, so plans written before it existed still load (same schema version).
     skipped: dict[str, str] = field(default_factory=dict)
+    # the planning preset these plans were made with (``autoseg plan --preset``, planning/presets.py), None for
+    # the default planner; optional, so plans written before it existed still load (same schema version)
+    preset: str | None = None
     schema_version: int = PLANS_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
