@@ -1,7 +1,7 @@
 """Residual-encoder U-Net ("ResEnc") of nnU-Net 2.x, 2D and 3D from one definition.
 
-Specification: shared/reference/nnunet.md, "Regions, the ignore label, residual-encoder presets" (Isensee et
-al., "nnU-Net Revisited", MICCAI 2024). Same topology as the plain U-Net (strides, kernels and features from
+Specification: the paper (Isensee et al., "nnU-Net Revisited", MICCAI 2024) and nnU-Net 2.x's published
+defaults. Same topology as the plain U-Net (strides, kernels and features from
 the planner), with a deeper encoder and a lighter decoder:
 
 - stem: one conv block (conv with bias -> InstanceNorm -> LeakyReLU) from the input to ``features[0]``;

@@ -2,8 +2,7 @@
 
 A preset changes three settings of the planner and nothing else: which architecture the default
 configurations use, the GPU memory to plan for, and the cap on how much of the dataset one batch may cover.
-nnU-Net 2.x's residual-encoder presets (shared/reference/nnunet.md, "residual-encoder presets"; Isensee et al.,
-"nnU-Net Revisited", MICCAI 2024) are the entries: ResEnc M / L / XL plan the residual-encoder U-Net for about
+nnU-Net 2.x's residual-encoder presets (Isensee et al., "nnU-Net Revisited", MICCAI 2024) are the entries: ResEnc M / L / XL plan the residual-encoder U-Net for about
 8 / 24 / 40 GB of GPU memory and drop the 5 % dataset-coverage cap (nnU-Net sets it to 100 %: a batch may
 cover the whole dataset, so the batch is limited by memory alone).
 
