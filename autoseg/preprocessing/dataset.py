@@ -109,7 +109,8 @@ def process_one(task: _Task) -> tuple[str, str | None]:
                     f"{geometry.shape} ({Path(task.image_files[0]).name}); run `autoseg verify` and fix the case"
                 )
         data, stored_label, properties = preprocess_case(
-            image, geometry, plans, configuration, label=label, case_id=task.case_id
+            image, geometry, plans, configuration, label=label, case_id=task.case_id,
+            source=", ".join(task.image_files),
         )
         del image, label
         properties.provenance = task.provenance
