@@ -6,7 +6,8 @@ interruption (the reference) and times them. Trial *i* then takes stage ``STAGES
 third of the trials), starts it in a fresh data root holding the reference's inputs of that stage, sends SIGKILL
 to the command's own process (not its process group: its worker processes must die by themselves,
 ``autoseg.workers``) after a delay drawn uniformly from 5-90 % of the reference time with ``random.Random(seed + i)``,
-and reruns the same command (train with ``--continue``). The moment is random; the checks are on the final state
+and reruns the same command (train with ``continue_training``: what ``--continue`` runs; train is started
+through ``autoseg.training.train`` so that it checkpoints every epoch and every second, see ``stage_command``). The moment is random; the checks are on the final state
 only:
 
 - identical: plan: every file under ``preprocessed/<D>/`` byte-equal to the reference's (``.lock`` files
@@ -41,6 +42,7 @@ from typing import Sequence
 DATASET = "Dataset990_Faults"
 CONFIGURATION = "3d_fullres"
 STAGES = ("plan", "train", "predict")
+TRAIN_CHECKPOINT_INTERVAL_S = 1.0  # mid-epoch checkpoints, so that kills also test resuming inside an epoch
 KILL_GRACE_S = 3.0  # how long the killed command's workers get to notice (PR_SET_PDEATHSIG is immediate)
 ORPHAN_CHECK_S = 3.0
 
@@ -51,6 +53,7 @@ class Trial:
     stage: str
     kill_after_s: float
     interrupted: bool  # False: the command had finished before the kill moment
+    found_work: bool  # the killed run left finished work for the rerun to keep (cases, a checkpoint, outputs)
     identical: bool
     temp_files: list[str] = field(default_factory=list)
     orphans: int = 0
@@ -69,10 +72,15 @@ def stage_command(stage: str, root: Path, epochs: int, iters: int, resume: bool 
         return _autoseg("plan", DATASET, "--root", str(root), "--configs", CONFIGURATION, "--arch", "unet",
                         "--gpu-memory", "8")
     if stage == "train":
-        # default loader workers (2); no final validation: it changes no weight and only lengthens the run
-        command = _autoseg("train", DATASET, CONFIGURATION, "0", "--root", str(root), "--epochs", str(epochs),
-                           "--iters-per-epoch", str(iters), "--device", "cpu", "--no-validation")
-        return command + (["--continue"] if resume else [])
+        # `autoseg train` itself saves checkpoint_latest.pt every 50 epochs or 5 minutes, so a run of a few
+        # epochs would only ever restart from scratch and --continue's resume would go untested. The same
+        # function with its keyword-only checkpoint knobs saves after every epoch and every
+        # TRAIN_CHECKPOINT_INTERVAL_S, mid-epoch too. Default loader workers (2); no final validation: it changes
+        # no weight and only lengthens the run.
+        call = (f"from autoseg.training import train; train({DATASET!r}, {CONFIGURATION!r}, '0', root={str(root)!r}, "
+                f"epochs={epochs}, iterations_per_epoch={iters}, device='cpu', validate=False, "
+                f"continue_training={resume}, checkpoint_every=1, checkpoint_interval_s={TRAIN_CHECKPOINT_INTERVAL_S})")
+        return [sys.executable, "-c", call]
     if stage == "predict":
         return _autoseg("predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(root / "prediction"),
                         "-d", DATASET, "-c", CONFIGURATION, "-f", "0", "--device", "cpu", "--root", str(root))
@@ -230,15 +238,25 @@ def run_trial(index: int, seed: int, work: Path, seconds: dict[str, float], epoc
     _prepare_root(stage, work / "reference", root)
     log = root / "log.txt"
     interrupted, orphans = _kill_at(stage_command(stage, root, epochs, iters), delay, log)
+    found_work = interrupted and _finished_work(stage, root)
     code, _ = _run(stage_command(stage, root, epochs, iters, resume=True), log)
     time.sleep(ORPHAN_CHECK_S if interrupted else 0)
-    leftovers = [pid for pid in _process_group_members_of_root(root)]
+    leftovers = _processes_naming(root)
     detail = COMPARE[stage](work / "reference", root) if code == 0 else f"rerun failed with exit {code}"
-    return Trial(index, stage, round(delay, 2), interrupted, identical=(code == 0 and not detail),
+    return Trial(index, stage, round(delay, 2), interrupted, found_work, identical=(code == 0 and not detail),
                  temp_files=_temp_files(root), orphans=orphans + len(leftovers), rerun_returncode=code, detail=detail)
 
 
-def _process_group_members_of_root(root: Path) -> list[int]:
+def _finished_work(stage: str, root: Path) -> bool:
+    """Whether a killed run left work that the rerun keeps rather than redoes."""
+    if stage == "plan":
+        return any((root / "preprocessed" / DATASET / CONFIGURATION).glob("case_*.json"))
+    if stage == "train":
+        return _final_checkpoint(root).with_name("checkpoint_latest.pt").is_file()
+    return any((root / "prediction").glob("*.nii.gz"))
+
+
+def _processes_naming(root: Path) -> list[int]:
     """Live processes whose command line names the trial root: whatever outlived both runs."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -259,6 +277,7 @@ def summarise(trials: list[Trial]) -> list[dict]:
             "stage": stage,
             "trials": len(mine),
             "killed mid-run": sum(t.interrupted for t in mine),
+            "rerun resumed from kept work": sum(t.found_work for t in mine),
             "identical": sum(t.identical for t in mine),
             "temp files left": sum(len(t.temp_files) for t in mine),
             "orphan processes": sum(t.orphans for t in mine),
@@ -275,7 +294,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(work: Path, trials: int, seed: int = 0, epochs: int = 2, iters: int = 3, num_cases: int = 6,
+def run_benchmark(work: Path, trials: int, seed: int = 0, epochs: int = 4, iters: int = 3, num_cases: int = 6,
                   shape: Sequence[int] = (12, 32, 32)) -> tuple[list[Trial], dict[str, float]]:
     work = Path(work)
     shutil.rmtree(work, ignore_errors=True)
@@ -286,7 +305,7 @@ def run_benchmark(work: Path, trials: int, seed: int = 0, epochs: int = 2, iters
         trial = run_trial(index, seed, work, seconds, epochs, iters)
         results.append(trial)
         print(f"trial {index:2d} {trial.stage:8s} kill at {trial.kill_after_s:6.2f}s "
-              f"{'killed' if trial.interrupted else 'finished first'}: "
+              f"{'killed' if trial.interrupted else 'finished first'}{' (work kept)' if trial.found_work else ''}: "
               f"{'identical' if trial.identical else 'DIFFERENT ' + trial.detail}; temp files {len(trial.temp_files)}, "
               f"orphans {trial.orphans}", flush=True)
     (work / "faults.json").write_text(json.dumps({
@@ -299,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (emptied first)")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--iters", type=int, default=3, help="training iterations per epoch")
     args = parser.parse_args(argv)
     results, seconds = run_benchmark(args.work, args.trials, args.seed, args.epochs, args.iters)
