@@ -15,8 +15,10 @@ only:
   state equal to the reference's (bit for bit, ``torch.equal``); predict: every output segmentation's array and
   geometry equal to the reference's.
 - temp files: files named ``*.partial*`` (``autoseg.fileio`` temp names) anywhere in the trial's root.
-- orphans: processes of the killed command's process group still alive 3 s after the kill, plus any of either
-  run's process groups still alive after the rerun returned.
+- slow to die: processes of the killed command's process group still alive 3 s after the kill (``KILL_GRACE_S``;
+  pool workers with ``PR_SET_PDEATHSIG`` are gone at once, torch DataLoader workers within their 5 s watchdog).
+- orphans: processes of the killed command's process group still alive 12 s after the kill (``ORPHAN_WAIT_S``),
+  plus any process naming the trial's root still alive after the rerun returned.
 
 Usage: ``python benchmarks/faults.py --work /tmp/faults --trials 20 [--seed 0] [--epochs 2] [--iters 3]``; prints a
 markdown table (and writes ``faults.json`` in ``--work``). ``run_benchmark`` is the same from Python
@@ -44,6 +46,9 @@ CONFIGURATION = "3d_fullres"
 STAGES = ("plan", "train", "predict")
 TRAIN_CHECKPOINT_INTERVAL_S = 1.0  # mid-epoch checkpoints, so that kills also test resuming inside an epoch
 KILL_GRACE_S = 3.0  # how long the killed command's workers get to notice (PR_SET_PDEATHSIG is immediate)
+# torch DataLoader workers notice a dead parent only through their watchdog, polled every 5 s
+# (torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL); a process alive this long after the kill stays for good
+ORPHAN_WAIT_S = 12.0
 ORPHAN_CHECK_S = 3.0
 
 
@@ -56,7 +61,8 @@ class Trial:
     found_work: bool  # the killed run left finished work for the rerun to keep (cases, a checkpoint, outputs)
     identical: bool
     temp_files: list[str] = field(default_factory=list)
-    orphans: int = 0
+    orphans: int = 0  # processes of the killed command alive ORPHAN_WAIT_S after the kill, or after the rerun
+    slow_to_die: int = 0  # processes of the killed command alive KILL_GRACE_S after the kill (gone later or not)
     rerun_returncode: int = 0
     detail: str = ""
 
@@ -118,14 +124,15 @@ def _process_group_members(pgid: int) -> list[int]:
     return members
 
 
-def _kill_at(command: list[str], delay_s: float, log: Path) -> tuple[bool, int]:
-    """Start ``command``, SIGKILL its main process after ``delay_s``; ``(interrupted, orphans after the grace)``."""
+def _kill_at(command: list[str], delay_s: float, log: Path) -> tuple[bool, int, int]:
+    """Start ``command``, SIGKILL its main process after ``delay_s``; ``(interrupted, processes alive
+    KILL_GRACE_S after the kill, processes alive ORPHAN_WAIT_S after it)``."""
     with open(log, "ab") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(),
                                    start_new_session=True)
         try:
             process.wait(timeout=delay_s)
-            return False, 0
+            return False, 0, 0
         except subprocess.TimeoutExpired:
             pass
         process.send_signal(signal.SIGKILL)
@@ -133,10 +140,14 @@ def _kill_at(command: list[str], delay_s: float, log: Path) -> tuple[bool, int]:
     deadline = time.monotonic() + KILL_GRACE_S
     while _process_group_members(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+    slow = len(_process_group_members(process.pid))
+    deadline = time.monotonic() + ORPHAN_WAIT_S - KILL_GRACE_S
+    while _process_group_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     survivors = _process_group_members(process.pid)
     for pid in survivors:  # do not let them disturb the rerun; they are counted
         os.kill(pid, signal.SIGKILL)
-    return True, len(survivors)
+    return True, slow, len(survivors)
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -237,14 +248,15 @@ def run_trial(index: int, seed: int, work: Path, seconds: dict[str, float], epoc
     shutil.rmtree(root, ignore_errors=True)
     _prepare_root(stage, work / "reference", root)
     log = root / "log.txt"
-    interrupted, orphans = _kill_at(stage_command(stage, root, epochs, iters), delay, log)
+    interrupted, slow_to_die, orphans = _kill_at(stage_command(stage, root, epochs, iters), delay, log)
     found_work = interrupted and _finished_work(stage, root)
     code, _ = _run(stage_command(stage, root, epochs, iters, resume=True), log)
     time.sleep(ORPHAN_CHECK_S if interrupted else 0)
     leftovers = _processes_naming(root)
     detail = COMPARE[stage](work / "reference", root) if code == 0 else f"rerun failed with exit {code}"
     return Trial(index, stage, round(delay, 2), interrupted, found_work, identical=(code == 0 and not detail),
-                 temp_files=_temp_files(root), orphans=orphans + len(leftovers), rerun_returncode=code, detail=detail)
+                 temp_files=_temp_files(root), orphans=orphans + len(leftovers), slow_to_die=slow_to_die,
+                 rerun_returncode=code, detail=detail)
 
 
 def _finished_work(stage: str, root: Path) -> bool:
@@ -280,6 +292,7 @@ def summarise(trials: list[Trial]) -> list[dict]:
             "rerun resumed from kept work": sum(t.found_work for t in mine),
             "identical": sum(t.identical for t in mine),
             "temp files left": sum(len(t.temp_files) for t in mine),
+            f"processes alive {KILL_GRACE_S:g} s after the kill": sum(t.slow_to_die for t in mine),
             "orphan processes": sum(t.orphans for t in mine),
         })
     return rows
@@ -307,7 +320,7 @@ def run_benchmark(work: Path, trials: int, seed: int = 0, epochs: int = 4, iters
         print(f"trial {index:2d} {trial.stage:8s} kill at {trial.kill_after_s:6.2f}s "
               f"{'killed' if trial.interrupted else 'finished first'}{' (work kept)' if trial.found_work else ''}: "
               f"{'identical' if trial.identical else 'DIFFERENT ' + trial.detail}; temp files {len(trial.temp_files)}, "
-              f"orphans {trial.orphans}", flush=True)
+              f"alive {KILL_GRACE_S:g} s after kill {trial.slow_to_die}, orphans {trial.orphans}", flush=True)
     (work / "faults.json").write_text(json.dumps({
         "reference_seconds": seconds, "trials": [asdict(t) for t in results]}, indent=2))
     return results, seconds

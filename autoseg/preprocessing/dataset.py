@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
 from autoseg.planning.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
-from autoseg.preprocessing.store import case_provenance, is_complete, json_digest, save_case
+from autoseg.preprocessing.store import case_provenance, input_record, is_complete, json_digest, save_case
 from autoseg.workers import pool_initializer
 
 log = logging.getLogger(__name__)
@@ -167,15 +168,18 @@ def plan_digest(plans: Plans, configuration: Configuration) -> str:
     })
 
 
-def _provenances(cases: list, digest: str, workers: int) -> dict[str, dict]:
-    """``case_id -> store.case_provenance`` of every case; files hashed in threads (hashlib releases the GIL
-    on large buffers, so the threads overlap disk reads and hashing)."""
-    def one(case) -> tuple[str, dict]:
+def _input_records(cases: list) -> dict[str, list[list[str]]]:
+    """``case_id -> store.input_record`` of every case, hashed once per run whatever the number of data
+    identifiers; in threads (hashlib releases the GIL on large buffers, so disk reads and hashing overlap)."""
+    def one(case) -> tuple[str, list[list[str]]]:
         files = [*case.image_files, *([case.label_file] if case.label_file is not None else [])]
-        return case.case_id, case_provenance(files, digest)
+        return case.case_id, input_record(files)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return dict(pool.map(one, cases))
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        records = dict(pool.map(one, cases))
+    log.info("hashed the input files of %d case(s) in %.1f s", len(cases), time.monotonic() - start)
+    return records
 
 
 # ------------------------------------------------------------------------------------ workers from memory
@@ -342,6 +346,7 @@ def _preprocess_locked(location, configurations: Sequence[str] | None, num_worke
         )
 
     report = PreprocessReport(ok=True)
+    inputs = _input_records(cases)
     for identifier, configuration in selected.items():
         folder = location.preprocessed / identifier
         folder.mkdir(parents=True, exist_ok=True)
@@ -352,10 +357,10 @@ def _preprocess_locked(location, configurations: Sequence[str] | None, num_worke
             location.preprocessed, configuration, plans.num_channels)
         # several workers share the cores: one blosc2 thread each; a lone worker may use them all
         compression_threads = 1 if workers > 1 else None
-        provenances = _provenances(cases, plan_digest(plans, configuration), workers)
+        digest = plan_digest(plans, configuration)
         tasks = []
         for case in cases:
-            provenance = provenances[case.case_id]
+            provenance = case_provenance(inputs[case.case_id], digest)
             if not force and is_complete(folder, case.case_id, with_label=True, provenance=provenance):
                 report.skipped += 1
                 continue

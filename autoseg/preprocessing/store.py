@@ -355,15 +355,18 @@ def json_digest(value: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=DIGEST_BYTES).hexdigest()
 
 
-def case_provenance(input_files: Sequence[str | os.PathLike], plan_digest: str) -> dict[str, Any]:
-    """What one stored case is made from: ``{"inputs": [[file name, digest], ...], "plan": plan_digest}``.
+def input_record(input_files: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """``[[file name, file_digest], ...]`` of a case's image channel files then its label file, in that order
+    (the order is part of the record: swapped channels are another input). Names without folders, so moving
+    the data root does not make a store stale."""
+    return [[Path(f).name, file_digest(f)] for f in input_files]
 
-    ``input_files``: the case's image channel files then its label file, in that order (the order is part of
-    the record: swapped channels are another input). Names without folders, so moving the data root does not
-    make a store stale. ``plan_digest``: a digest of everything in the plan that changes the stored arrays
-    (``autoseg.preprocessing.dataset.plan_digest``).
-    """
-    return {"inputs": [[Path(f).name, file_digest(f)] for f in input_files], "plan": plan_digest}
+
+def case_provenance(inputs: list[list[str]], plan_digest: str) -> dict[str, Any]:
+    """What one stored case is made from: ``{"inputs": inputs, "plan": plan_digest}``, with ``inputs`` from
+    :func:`input_record` and ``plan_digest`` a digest of everything in the plan that changes the stored
+    arrays (``autoseg.preprocessing.dataset.plan_digest``)."""
+    return {"inputs": inputs, "plan": plan_digest}
 
 
 def is_complete(

@@ -14,7 +14,7 @@ from autoseg.dataset.synthetic import SyntheticSpec
 from autoseg.planning.plans import save_plans
 from autoseg.preprocessing import is_complete, load_case, preprocess_dataset
 from autoseg.preprocessing.dataset import plan_digest
-from autoseg.preprocessing.store import case_provenance
+from autoseg.preprocessing.store import case_provenance, input_record
 
 from .helpers import DATASET, make_configuration, make_dataset, make_plans
 
@@ -40,7 +40,7 @@ def test_unchanged_inputs_are_skipped_and_the_record_names_every_input(tmp_path)
     assert _mtimes(folder) == stamps
     _, _, properties = load_case(folder, "case_001")
     files = [raw / "imagesTr" / "case_001_0000.nii.gz", raw / "labelsTr" / "case_001.nii.gz"]
-    assert properties.provenance == case_provenance(files, plan_digest(plans, plans.configuration("3d_fullres")))
+    assert properties.provenance == case_provenance(input_record(files), plan_digest(plans, plans.configuration("3d_fullres")))
     assert [name for name, _ in properties.provenance["inputs"]] == ["case_001_0000.nii.gz", "case_001.nii.gz"]
 
 
