@@ -71,6 +71,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         preprocess=not args.no_preprocess,
         skip_verify=args.skip_verify,
         preset=args.preset,
+        force=args.force,
     )
     name = args.dataset
     root = f" --root {args.root}" if args.root else ""
@@ -82,7 +83,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from autoseg.preprocessing import preprocess_dataset
 
-    report = preprocess_dataset(args.dataset, configurations=args.configs, root=args.root, num_workers=args.num_workers)
+    report = preprocess_dataset(args.dataset, configurations=args.configs, root=args.root, num_workers=args.num_workers,
+                                force=args.force)
     print(report.format())
     if not report.ok:
         print("fix or remove the failed case(s), then rerun the same command: complete cases are skipped")
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, nargs="+", default=None, help="force this patch size (array order)")
     p.add_argument("--no-preprocess", action="store_true", help="write plans only")
     p.add_argument("--skip-verify", action="store_true", help="plan even if `autoseg verify` finds problems")
+    p.add_argument("--force", action="store_true", help="preprocess every case again (default: only cases whose "
+                   "raw files or plan entries changed since they were stored)")
     p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel worker processes")
 
     p = command("preprocess", _cmd_preprocess, "crop, resample, normalise and store training cases",
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configs", nargs="+", default=None, help="configurations (default: all in plans.json)")
     p.add_argument("-np", "--num-workers", type=int, default=None,
                    help="parallel worker processes (default: one per core up to 8, fewer when free RAM is short)")
+    p.add_argument("--force", action="store_true", help="redo every case (default: only incomplete cases and those "
+                   "whose raw files or plan entries changed since they were stored)")
 
     p = command("train", _cmd_train, "train one fold of one configuration",
                 "Train CONFIGURATION on fold FOLD (0-4, or 'all' for all training data). Writes checkpoints, "

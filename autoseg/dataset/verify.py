@@ -7,10 +7,16 @@ and exits 1 when the report is not ok; the planner refuses to plan a dataset tha
 
 What is checked (issue 2 item 6, issue 11 item 2), with the check names used in the report:
 
-- ``dataset.json``: missing, invalid JSON, missing or malformed keys (via :func:`load_dataset_spec`).
+- ``dataset.json``: missing, invalid JSON, missing or malformed keys (via :func:`load_dataset_spec`). The files
+  are still checked, with the file ending and channels inferred from the files and dataset.json's readable
+  parts (label values and numTraining then go unchecked; the problem says so), so one typo in the JSON does
+  not hide every other problem.
 - ``folder layout``: imagesTr/ or labelsTr/ missing.
 - ``empty dataset``: no training images and no labels.
-- ``file ending``: a file whose ending is not dataset.json's ``file_ending``.
+- ``file ending``: a file whose ending is not dataset.json's ``file_ending``, also when it differs only in letter
+  case (``.NII.GZ``): the case listing matches endings exactly, so such a file would silently be left out.
+- ``case id letter case``: two case ids equal but for letter case (``Case_016`` images, ``case_016`` label): not
+  one case on Linux, the same file name on macOS and Windows.
 - ``file name``: an image file without the ``_CCCC`` channel suffix.
 - ``image without label`` / ``label without image``.
 - ``numTraining``: dataset.json's count disagrees with the label files.
@@ -24,7 +30,9 @@ What is checked (issue 2 item 6, issue 11 item 2), with the check names used in 
 - ``geometry mismatch``: spacing, origin or direction differ beyond :data:`GEOMETRY_TOLERANCE`.
 - ``NaN/Inf in image``.
 - ``non-integer label``: a label file holding fractional values.
-- ``undeclared label value``: label values that dataset.json's ``labels`` does not declare.
+- ``undeclared label value``: label values that dataset.json's ``labels`` does not declare; a 0/255 label of a
+  dataset whose labels stop before 255 is named as what it is, a binary mask saved as an 8-bit image.
+- ``empty label`` (warning only): a training label with background only.
 - ``mixed 2D/3D``: some cases 2D and others 3D.
 - ``unused label`` (warning only): a declared label that no training case contains.
 """
@@ -66,6 +74,7 @@ CHECK_ORDER = (
     "empty dataset",
     "file ending",
     "file name",
+    "case id letter case",
     "image without label",
     "label without image",
     "numTraining",
@@ -79,6 +88,7 @@ CHECK_ORDER = (
     "NaN/Inf in image",
     "non-integer label",
     "undeclared label value",
+    "empty label",
     "mixed 2D/3D",
     "unused label",
 )
@@ -242,6 +252,7 @@ class _CaseTask:
     label_file: str | None
     spec: DatasetSpec
     image_folder: str
+    check_label_values: bool = True  # False when dataset.json is broken: the declared labels are unknown
 
 
 @dataclass
@@ -384,8 +395,21 @@ def _check_case(task: _CaseTask) -> _CaseResult:
                 label = np.nan_to_num(np.round(label), nan=-1, posinf=-1, neginf=-1)
             values, counts = np.unique(label, return_counts=True)
             result.label_values = tuple(int(v) for v in values)
+            if result.label_values == (0,):
+                problems.append(Problem(
+                    rel, "some foreground (a declared label other than background)", "label has no foreground: "
+                    "every voxel is background 0", "check that the right label file was exported; a case without "
+                    "the structure is fine to keep, it trains as a negative example", severity=WARNING,
+                    check="empty label"))
             undeclared = [(int(v), int(n)) for v, n in zip(values, counts) if int(v) not in spec.labels.values()]
-            if undeclared:
+            if not task.check_label_values:
+                undeclared = []
+            if task.check_label_values and _is_8bit_mask(result.label_values, spec):
+                problems.append(Problem(
+                    rel, f"only the values {spec.label_values} declared in dataset.json labels",
+                    f"labels are 0/255: a binary mask saved as 8-bit image ({dict(undeclared)[255]} voxels of 255)",
+                    "map 255 to 1 (label[label == 255] = 1) and save the label again", check="undeclared label value"))
+            elif undeclared:
                 problems.append(Problem(
                     rel, f"only the values {spec.label_values} declared in dataset.json labels",
                     "undeclared value(s) " + ", ".join(f"{v} ({n} voxels)" for v, n in undeclared),
@@ -397,6 +421,13 @@ def _check_case(task: _CaseTask) -> _CaseResult:
             else:
                 result.dims, result.dims_file = label_geometry.dims, rel
     return result
+
+
+def _is_8bit_mask(values: Sequence[int], spec: DatasetSpec) -> bool:
+    """A label holding 0 and 255 (and nothing else undeclared) where dataset.json declares far fewer labels:
+    the usual result of saving a binary mask as an 8-bit image (white = 255)."""
+    undeclared = {v for v in values if v not in spec.labels.values()}
+    return undeclared == {255} and 0 in values and max(spec.label_values) < 255
 
 
 def _compare_grids(problems: list[Problem], rel: str, geometry: Geometry, reference_rel: str,
@@ -427,6 +458,14 @@ def _list_folder(dataset_dir: Path, folder: str, spec: DatasetSpec, problems: li
         if entry.name.startswith(".") or entry.is_dir():
             continue
         ending = file_ending(entry)
+        if ending == spec.file_ending.lower() and not entry.name.endswith(spec.file_ending):
+            actual = entry.name[len(entry.name) - len(spec.file_ending):]
+            stem = entry.name[: len(entry.name) - len(spec.file_ending)]
+            problems.append(Problem(
+                f"{folder}/{entry.name}", f"'{spec.file_ending}' (dataset.json file_ending), in the same letter case",
+                f"'{actual}': autoseg lists files by their exact ending, so this case would be left out",
+                f"rename it to {stem}{spec.file_ending}", check="file ending"))
+            continue
         if ending != spec.file_ending:
             found = f"'{ending}'" if ending else f"'{''.join(entry.suffixes) or entry.name}' (not an image format autoseg reads)"
             fix = (f"convert the file to {spec.file_ending}" + (f", or set file_ending to '{ending}' in dataset.json "
@@ -454,8 +493,28 @@ def _group_images(files: list[Path], folder: str, spec: DatasetSpec,
     return groups
 
 
-def _dataset_problems(dataset_dir: Path, spec: DatasetSpec, problems: list[Problem]) -> list[_CaseTask]:
-    """Layout-level checks; returns one task per case to read."""
+def _letter_case_problems(images: dict[str, dict[int, str]], labels: dict[str, str], spec: DatasetSpec,
+                          problems: list[Problem]) -> None:
+    """Case ids that are equal but for letter case: a mismatched image/label pair, or two cases whose files
+    would be one file on a case-insensitive filesystem (macOS, Windows)."""
+    by_folded: dict[str, set[str]] = {}
+    for case_id in set(images) | set(labels):
+        by_folded.setdefault(case_id.casefold(), set()).add(case_id)
+    for spellings in (sorted(v) for _, v in sorted(by_folded.items()) if len(v) > 1):
+        where = [f"{IMAGES_TRAIN}/{c}_0000{spec.file_ending}" if c in images else f"{LABELS_TRAIN}/{c}{spec.file_ending}"
+                 for c in spellings]
+        problems.append(Problem(
+            where[0], "one spelling per case id, the same in imagesTr/ and labelsTr/",
+            f"case ids {', '.join(repr(c) for c in spellings)} differ only in letter case ({', '.join(where)})",
+            "rename the files so that each case's images and label use exactly the same case id, and no two cases "
+            "differ only in letter case", check="case id letter case"))
+
+
+def _dataset_problems(dataset_dir: Path, spec: DatasetSpec, problems: list[Problem],
+                      check_label_values: bool = True) -> list[_CaseTask]:
+    """Layout-level checks; returns one task per case to read. ``check_label_values=False`` (dataset.json
+    unreadable, ``spec`` inferred): label values and numTraining are not compared with it."""
+    check_num_training = check_label_values
     for folder in (IMAGES_TRAIN, LABELS_TRAIN):
         if not (dataset_dir / folder).is_dir():
             problems.append(Problem(f"{folder}/", "a folder", "nothing",
@@ -471,16 +530,21 @@ def _dataset_problems(dataset_dir: Path, spec: DatasetSpec, problems: list[Probl
                                 f"with <case>{spec.file_ending})", "no image or label files",
                                 "put the training images and labels there (see dataset_templates/README.md)",
                                 check="empty dataset"))
+    _letter_case_problems(images, labels, spec, problems)
     for case_id in sorted(set(images) - set(labels)):
+        if case_id.casefold() in {c.casefold() for c in labels}:
+            continue  # reported by the letter-case check
         problems.append(Problem(
             f"{LABELS_TRAIN}/{case_id}{spec.file_ending}", f"the label of {IMAGES_TRAIN}/{case_id}_0000{spec.file_ending}",
             "no such file", f"add the label, or move the case's images to {IMAGES_TEST}/ if it has none",
             check="image without label"))
     for case_id in sorted(set(labels) - set(images)):
+        if case_id.casefold() in {c.casefold() for c in images}:
+            continue  # reported by the letter-case check
         problems.append(Problem(
             labels[case_id], f"images {IMAGES_TRAIN}/{case_id}_0000{spec.file_ending} ...", "a label without images",
             "add the case's image files or remove the label", check="label without image"))
-    if spec.num_training != len(labels) and (images or labels):
+    if spec.num_training != len(labels) and (images or labels) and check_num_training:
         problems.append(Problem(DATASET_JSON, f"numTraining = the number of label files in {LABELS_TRAIN}/ ({len(labels)})",
                                 f"numTraining {spec.num_training}", f"set \"numTraining\": {len(labels)} in dataset.json",
                                 check="numTraining"))
@@ -488,7 +552,8 @@ def _dataset_problems(dataset_dir: Path, spec: DatasetSpec, problems: list[Probl
     tasks = []
     for case_id in sorted(set(images) | set(labels)):
         channels = tuple(sorted(images.get(case_id, {}).items()))
-        tasks.append(_CaseTask(str(dataset_dir), case_id, channels, labels.get(case_id), spec, IMAGES_TRAIN))
+        tasks.append(_CaseTask(str(dataset_dir), case_id, channels, labels.get(case_id), spec, IMAGES_TRAIN,
+                               check_label_values))
     for case_id, channels in sorted(tests.items()):
         tasks.append(_CaseTask(str(dataset_dir), case_id, tuple(sorted(channels.items())), None, spec, IMAGES_TEST))
     return tasks
@@ -520,6 +585,40 @@ def _dimension_problems(results: list[_CaseResult]) -> list[Problem]:
     ]
 
 
+def _inferred_spec(dataset_dir: Path) -> DatasetSpec | None:
+    """A stand-in for an unreadable dataset.json, to check the files with: its ``file_ending`` when that part
+    is usable, else the most common supported ending in imagesTr/ and labelsTr/; as many channels as the
+    highest ``_CCCC`` index seen; background as the only label (label values are not checked against it).
+    None when the folders hold no image file at all."""
+    import json
+
+    from autoseg.io import SUPPORTED_ENDINGS
+
+    try:
+        data = json.loads((dataset_dir / DATASET_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    files = [p for folder in (IMAGES_TRAIN, LABELS_TRAIN) if (dataset_dir / folder).is_dir()
+             for p in sorted((dataset_dir / folder).iterdir()) if not p.name.startswith(".")]
+    declared = data.get("file_ending")
+    if isinstance(declared, str) and declared.lower() in SUPPORTED_ENDINGS:
+        ending = declared
+    else:
+        endings = Counter(file_ending(p) for p in files if file_ending(p))
+        if not endings:
+            return None
+        ending = endings.most_common(1)[0][0]
+    channels = [int(m.group("channel")) for p in files if p.name.lower().endswith(ending.lower())
+                for m in [_CHANNEL_SUFFIX.match(p.name[: -len(ending)])] if m]
+    names = data.get("channel_names")
+    if isinstance(names, dict) and names and all(str(k).isdigit() for k in names):
+        channel_names = {int(k): str(v) for k, v in names.items()}
+    else:
+        channel_names = {c: f"channel {c}" for c in range(max(channels, default=0) + 1)}
+    return DatasetSpec(channel_names=channel_names, labels={"background": 0}, num_training=0, file_ending=ending)
+
+
 def verify_dataset(raw_dir: str | os.PathLike, num_workers: int = 2) -> VerifyReport:
     """Check the raw dataset in ``raw_dir`` and return every problem found; the folder is never modified.
 
@@ -531,15 +630,20 @@ def verify_dataset(raw_dir: str | os.PathLike, num_workers: int = 2) -> VerifyRe
         raise DatasetError(f"{dataset_dir}: not a folder; expected a raw dataset folder with dataset.json, "
                            "imagesTr/ and labelsTr/; check the dataset name or --root")
     report = VerifyReport(dataset_dir)
+    spec_known = True
     try:
         spec = load_dataset_spec(dataset_dir)
     except DatasetError as exc:
         message = str(exc).split(f"{dataset_dir / DATASET_JSON}: ", 1)[-1]
+        spec, spec_known = _inferred_spec(dataset_dir), False
+        also = ("" if spec is None else f"; the files below were still checked, with file ending '{spec.file_ending}' "
+                f"and {spec.num_channels} channel(s) inferred from them (label values and numTraining unchecked)")
         report.problems.append(Problem(DATASET_JSON, "a valid dataset.json (template: dataset_templates/README.md)",
-                                       message, "correct dataset.json as the message says", check="dataset.json"))
-        return report
+                                       message, f"correct dataset.json as the message says{also}", check="dataset.json"))
+        if spec is None:
+            return report
 
-    tasks = _dataset_problems(dataset_dir, spec, report.problems)
+    tasks = _dataset_problems(dataset_dir, spec, report.problems, check_label_values=spec_known)
     report.num_training = sum(t.image_folder == IMAGES_TRAIN for t in tasks)
     report.num_test = len(tasks) - report.num_training
     log.debug("verifying %d cases of %s with %d workers", len(tasks), dataset_dir, num_workers)
@@ -549,7 +653,7 @@ def verify_dataset(raw_dir: str | os.PathLike, num_workers: int = 2) -> VerifyRe
     report.problems.extend(_dimension_problems(results))
 
     seen = {v for r in results if r.is_training for v in r.label_values}
-    if seen:
+    if seen and spec_known:
         for value in spec.foreground_labels:
             if value not in seen:
                 report.problems.append(Problem(

@@ -2,7 +2,8 @@
 
 ``plan_dataset`` is what ``autoseg plan`` runs: verify -> fingerprint.json -> plans.json -> splits.json ->
 a table of the configurations -> preprocessing of the default configurations. docs/planning.md explains
-each rule and how to override it.
+each rule and how to override it. All of it runs under the dataset's stage lock (the one `autoseg
+preprocess` takes), so two `plan`/`preprocess` runs of one dataset never write the same files at once.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def plan_dataset(
     skip_verify: bool = False,
     show_summary: bool = True,
     preset: str | None = None,
+    force: bool = False,
 ) -> Plans:
     """Plan ``dataset`` (folder name, number or name) and write, under ``preprocessed/<dataset>/``,
     ``fingerprint.json``, ``plans.json`` and (once) ``splits.json``; then preprocess the default
@@ -74,10 +76,14 @@ def plan_dataset(
     ``architectures``: registry names (default: all that apply); ``patch_size``: force the patch of every
     configuration with as many axes; ``show_summary``: print the table of configurations; ``preset``: a planning
     preset (:mod:`autoseg.planning.presets`: ``resenc-m``, ``resenc-l``, ``resenc-xl``), whose GPU size replaces
-    the device's unless ``gpu_memory_gb`` is given.
+    the device's unless ``gpu_memory_gb`` is given. ``force``:
+    preprocess every case again, even those made from today's files and plan (without it, only cases whose
+    inputs or plan entries changed are redone).
     """
     from autoseg.device import gpu_memory_budget
+    from autoseg.locks import stage_lock
     from autoseg.paths import resolve_dataset
+    from autoseg.preprocessing.dataset import PREPROCESS_STAGE
 
     if preset is not None:  # checked before the slow fingerprint; the preset's size replaces the device's
         gpu_memory_gb, budget_source = preset_memory(get_preset(preset), gpu_memory_gb)
@@ -92,38 +98,41 @@ def plan_dataset(
         raise DatasetError(
             f"{location.raw}: no raw dataset folder; planning reads the raw images (put the dataset under raw/)"
         )
-    if not skip_verify:
-        _verify(location.raw, num_workers)
-    fingerprint = extract_fingerprint(location.raw, num_workers=num_workers)
-    fingerprint.dataset_name = location.name
     location.preprocessed.mkdir(parents=True, exist_ok=True)
-    save_fingerprint(fingerprint, location.preprocessed / FINGERPRINT_FILE)
+    # one plan/preprocess run per dataset: the lock's refusal names the other process
+    with stage_lock(location.preprocessed, PREPROCESS_STAGE):
+        if not skip_verify:
+            _verify(location.raw, num_workers)
+        fingerprint = extract_fingerprint(location.raw, num_workers=num_workers)
+        fingerprint.dataset_name = location.name
+        save_fingerprint(fingerprint, location.preprocessed / FINGERPRINT_FILE)
 
-    plans = plan_from_fingerprint(
-        fingerprint, gpu_memory_gb=gpu_memory_gb, configurations=configurations,
-        architectures=architectures, patch_size=patch_size, preset=preset,
-    )
-    save_plans(plans, location.preprocessed / PLANS_FILE)
-    create_splits(location.preprocessed, fingerprint.case_ids)
-    logger.info("wrote %s", location.preprocessed / PLANS_FILE)
-    if show_summary:
-        # a deliberate user-facing summary (the CLI's output)
-        print(f"plans for {location.name} ({location.preprocessed / PLANS_FILE}):")
-        print(format_plans_table(plans))
+        plans = plan_from_fingerprint(
+            fingerprint, gpu_memory_gb=gpu_memory_gb, configurations=configurations,
+            architectures=architectures, patch_size=patch_size, preset=preset,
+        )
+        save_plans(plans, location.preprocessed / PLANS_FILE)
+        create_splits(location.preprocessed, fingerprint.case_ids)
+        logger.info("wrote %s", location.preprocessed / PLANS_FILE)
+        if show_summary:
+            # a deliberate user-facing summary (the CLI's output)
+            print(f"plans for {location.name} ({location.preprocessed / PLANS_FILE}):")
+            print(format_plans_table(plans))
 
-    if preprocess:
-        from autoseg.preprocessing import preprocess_dataset
+        if preprocess:
+            from autoseg.preprocessing import preprocess_dataset
 
-        names = list(plans.default_configurations)
-        for name in list(names):
-            previous = plans.configurations[name].previous_stage
-            if previous and previous not in names:
-                names.append(previous)  # the cascade needs its low-resolution stage trained first
-        report = preprocess_dataset(location.name, configurations=names, root=root, num_workers=num_workers)
-        if not report.ok:
-            first_case, first_message = report.failures[0]
-            raise PreprocessingError(
-                f"{location.preprocessed}: {len(report.failures)} case(s) failed to preprocess (first: "
-                f"{first_case}: {first_message}); fix them and run `autoseg preprocess {location.name}`"
-            )
-    return plans
+            names = list(plans.default_configurations)
+            for name in list(names):
+                previous = plans.configurations[name].previous_stage
+                if previous and previous not in names:
+                    names.append(previous)  # the cascade needs its low-resolution stage trained first
+            report = preprocess_dataset(location.name, configurations=names, root=root, num_workers=num_workers,
+                                        force=force, lock=False)  # this run holds the lock already
+            if not report.ok:
+                first_case, first_message = report.failures[0]
+                raise PreprocessingError(
+                    f"{location.preprocessed}: {len(report.failures)} case(s) failed to preprocess (first: "
+                    f"{first_case}: {first_message}); fix them and run `autoseg preprocess {location.name}`"
+                )
+        return plans

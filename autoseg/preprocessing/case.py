@@ -17,6 +17,7 @@ never touched, so nothing is ever reoriented).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -52,6 +53,13 @@ DUMMY_Z_SPACING = 999.0
 CLASS_LOCATION_SAMPLES = 10_000
 CLASS_LOCATION_MIN_FRACTION = 0.01
 CLASS_LOCATION_SEED = 1234  # fixed: the same case gives the same stored locations, byte for byte
+# Refuse to resample a case to more voxels than this (per channel; 2^31 float32 voxels = 8 GiB). The largest
+# real images at their planned spacing are far below (a 1000 x 512 x 512 whole-body CT: 0.26 G voxels), so a
+# case above it has a wrong spacing in its header (cm or 100 mm written where mm was meant: one 100 mm-spacing
+# image asked for 114 GiB), and failing with that explanation beats dying in the allocation.
+MAX_RESAMPLED_VOXELS = 2**31
+
+log = logging.getLogger(__name__)
 
 
 def _as_3d_spacing(geometry: Geometry) -> list[float]:
@@ -113,14 +121,20 @@ def preprocess_case(
     configuration: Configuration,
     label: np.ndarray | None = None,
     case_id: str = "",
+    source: str = "",
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalise and resample one case.
 
     ``image``: float ``[C, (Z,) Y, X]`` as from ``autoseg.io.read_image``; ``label``: integer ``[(Z,) Y, X]``
     (or with a leading channel of 1) or None at prediction time. Returns ``(data float32 [C, Z, Y, X],
-    label int8 [1, Z, Y, X] or None, CaseProperties)``; 2D images get Z = 1.
+    label int8 [1, Z, Y, X] or None, CaseProperties)``; 2D images get Z = 1. ``source``: the image file(s),
+    named in warnings and errors (default: ``case_id``).
+
+    Input checks first: NaN/Inf voxels are replaced by the channel's smallest finite value with a warning
+    (:func:`replace_non_finite`), and a case whose resampled size would exceed ``MAX_RESAMPLED_VOXELS`` is
+    refused before anything is allocated (:func:`check_resampled_size`).
     """
-    name = case_id or "image"
+    name = source or case_id or "image"
     if image.ndim != geometry.dims + 1 or tuple(image.shape[1:]) != tuple(geometry.shape):
         raise DatasetError(
             f"{name}: image array {image.shape} does not match its geometry shape {geometry.shape} "
@@ -136,6 +150,8 @@ def preprocess_case(
     # the plan's axis order first (coarse axis first); all below works in it, properties keep the raw geometry
     order = case_order(plans.transpose_forward, geometry.dims)
     raw_geometry, geometry = geometry, transpose_geometry(geometry, order)
+    check_resampled_size(geometry, configuration, name)
+    image = replace_non_finite(image, name)
     image, label = transpose_array(image, order), (None if label is None else transpose_array(label, order))
 
     # crop (mask in the image's own dimensionality, see nonzero_mask), then lift 2D to [C, 1, Y, X]
@@ -183,6 +199,45 @@ def preprocess_case(
         foreground = sorted(v for v in plans.labels.values() if v != 0)
         properties.class_locations = sample_class_locations(stored_label[0], foreground)
     return data, stored_label, properties
+
+
+def replace_non_finite(image: np.ndarray, name: str) -> np.ndarray:
+    """``image`` (``[C, ...]``) with NaN/Inf voxels set to their channel's smallest finite value (0 when the
+    channel has none), with one warning naming ``name`` and the count; ``image`` itself when all are finite.
+    The minimum, not 0: it is background-like whatever the intensity scale (0 is water in CT, mid-grey in a
+    z-scored MRI), so the replaced voxels neither shift the crop box nor look like tissue."""
+    finite = np.isfinite(image)
+    if finite.all():
+        return image
+    image = image.copy()
+    for channel in range(image.shape[0]):
+        bad = ~finite[channel]
+        if bad.any():
+            good = image[channel][~bad]
+            image[channel][bad] = good.min() if good.size else 0.0
+    count = int((~finite).sum())
+    log.warning("%s: %d NaN/Inf voxel(s) replaced by their channel's minimum finite intensity; fix the file "
+                "(`autoseg verify` lists it) to choose the values yourself", name, count)
+    return image
+
+
+def check_resampled_size(geometry: Geometry, configuration: Configuration, name: str) -> None:
+    """Refuse (DatasetError) a case that would resample to more than ``MAX_RESAMPLED_VOXELS`` per channel.
+    ``geometry``: in the plan's axis order. Uses the uncropped shape: an upper bound, computed in
+    microseconds, before the crop, normalisation or resampling allocate anything."""
+    spacing = _as_3d_spacing(geometry)
+    shape = [1, *geometry.shape] if geometry.dims == 2 else list(geometry.shape)
+    target = full_target_spacing(configuration, spacing, geometry.dims)
+    new_shape = compute_new_shape(shape, spacing, target)
+    voxels = math.prod(int(v) for v in new_shape)
+    if voxels > MAX_RESAMPLED_VOXELS:
+        shown = geometry.spacing if geometry.dims == 3 else spacing[1:]
+        raise DatasetError(
+            f"{name}: spacing {tuple(round(float(s), 4) for s in shown)} mm resampled to the target spacing "
+            f"{tuple(round(float(t), 4) for t in target[-len(shown):])} mm would have shape {tuple(new_shape)} "
+            f"({voxels * 4 / 2**30:.0f} GiB per channel, more than any real image); check the spacing units in "
+            "the file's header (millimetres expected) and fix the header"
+        )
 
 
 def _restore_axis(properties: CaseProperties, configuration: Configuration) -> int | None:

@@ -5,10 +5,17 @@ robust to one bad case.
 - A worker pool (``spawn`` start method, so it behaves the same on Linux, macOS and Windows) gets one case per
   task; each worker reads, preprocesses and stores its case and returns only a short status, so memory stays
   bounded by ``num_workers`` cases whatever the dataset size.
-- Reruns skip cases that ``store.is_complete`` accepts and redo partial ones. Every file is written
-  atomically and the case JSON last, so a killed run leaves at worst leftover temporary files (removed at the
-  start of the next run) and never a file that looks complete but is not. The computation is deterministic,
-  so an interrupted-then-resumed run gives byte-identical files to an uninterrupted one.
+- Reruns skip cases that ``store.is_complete`` accepts *and* that were made from today's inputs and plan
+  (``store.case_provenance``: a digest of each input file's bytes and :func:`plan_digest`), and redo partial
+  or stale ones: raw files edited or replaced, or a re-planned spacing, normalisation or intensity
+  statistics. ``force=True`` redoes every case. Every file is written atomically and the case JSON last, so
+  a killed run leaves at worst leftover temporary files and never a file that looks complete but is not.
+  The computation is deterministic, so an interrupted-then-resumed run gives byte-identical files to an
+  uninterrupted one.
+- One run per dataset at a time: the run holds ``autoseg.locks.stage_lock(preprocessed/<D>, "preprocessed")``
+  (``autoseg plan`` holds the same lock while it plans and preprocesses); a second run is refused with a
+  line naming the holder. Under the lock no other process writes into the folders, so the temporary files
+  found at start-up are a killed run's, and are removed.
 - A case that fails is reported with its file name; the other cases still finish.
 - Unless the caller fixes ``num_workers``, the pool is as large as the cores allow (at most
   ``MAX_AUTO_WORKERS``) and no larger than free memory allows: :func:`estimate_case_peak_bytes` of the
@@ -20,7 +27,9 @@ import logging
 import math
 import multiprocessing
 import os
-from dataclasses import dataclass, field
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,8 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
-from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans
-from autoseg.preprocessing.store import is_complete, save_case
+from autoseg.planning.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.preprocessing.store import case_provenance, input_record, is_complete, json_digest, save_case
 from autoseg.workers import pool_initializer
 
 log = logging.getLogger(__name__)
@@ -62,13 +71,16 @@ class _Task:
     configuration: str
     output_folder: str
     compression_threads: int | None = None  # blosc2 threads per worker: 1 in a pool, all cores when alone
+    provenance: dict | None = None  # recorded in the case JSON (store.case_provenance)
 
 
 _PLANS_CACHE: dict[str, Plans] = {}
 
 
 def _plans_for(path: str) -> Plans:
-    """Plans are read once per worker process, not once per case."""
+    """Plans are read once per worker process, not once per case. Each run starts with an empty cache
+    (:func:`_preprocess_locked`): cases run in this process when there is one worker, and a second run in the
+    same process (``autoseg plan`` re-planning, a notebook) must not use the plans of the first."""
     if path not in _PLANS_CACHE:
         _PLANS_CACHE[path] = load_plans(path)
     return _PLANS_CACHE[path]
@@ -98,9 +110,11 @@ def process_one(task: _Task) -> tuple[str, str | None]:
                     f"{geometry.shape} ({Path(task.image_files[0]).name}); run `autoseg verify` and fix the case"
                 )
         data, stored_label, properties = preprocess_case(
-            image, geometry, plans, configuration, label=label, case_id=task.case_id
+            image, geometry, plans, configuration, label=label, case_id=task.case_id,
+            source=", ".join(task.image_files),
         )
         del image, label
+        properties.provenance = task.provenance
         save_case(task.output_folder, data, stored_label, properties, patch_size=configuration.patch_size,
                   nthreads=task.compression_threads)
         return task.case_id, None
@@ -114,14 +128,58 @@ def process_one(task: _Task) -> tuple[str, str | None]:
 
 def remove_partial_files(folder: Path) -> int:
     """Delete temporary files a killed run left behind (``autoseg.fileio.atomic_path`` names them
-    ``.<name>.<random>.partial<suffix>``). Returns how many were removed. Not safe while another
-    preprocessing run writes into the same folder (that is not supported anyway)."""
+    ``.<name>.<random>.partial<suffix>``). Returns how many were removed. Only under the dataset's stage
+    lock: without it this would delete the files another run is still writing."""
     removed = 0
     if folder.is_dir():
         for path in folder.glob(".*.partial*"):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------------------------ provenance
+# Bump when a change to the preprocessing code changes the stored arrays of unchanged inputs, so that
+# existing stores are redone rather than mixed with new ones.
+PREPROCESSING_VERSION = 1
+
+
+def plan_digest(plans: Plans, configuration: Configuration) -> str:
+    """A digest of everything in ``plans`` that changes ``configuration``'s stored arrays: target spacing,
+    dimensionality, normalisation (and, for CT channels, the dataset's intensity statistics), resampling
+    orders and rules, the axis order, the labels (label grid and class locations), the channel count and
+    the preprocessed folder. Not the patch size (it changes only the b2nd chunking, not a value) or the
+    architecture, which share one preprocessed folder between configurations."""
+    resampling = asdict(configuration.resampling)
+    resampling.pop("order_probabilities", None)  # used only when restoring predictions
+    ct_channels = [str(c) for c, scheme in enumerate(configuration.normalization) if scheme == NORM_CT]
+    return json_digest({
+        "version": PREPROCESSING_VERSION,
+        "data_identifier": configuration.data_identifier,
+        "dims": configuration.dims,
+        "target_spacing": [float(s) for s in configuration.target_spacing],
+        "normalization": list(configuration.normalization),
+        "use_mask_for_norm": [bool(m) for m in configuration.use_mask_for_norm],
+        "resampling": resampling,
+        "intensity_stats": {c: asdict(plans.intensity_stats[c]) for c in ct_channels if c in plans.intensity_stats},
+        "transpose_forward": plans.transpose_forward,
+        "labels": plans.labels,
+        "num_channels": plans.num_channels,
+    })
+
+
+def _input_records(cases: list) -> dict[str, list[list[str]]]:
+    """``case_id -> store.input_record`` of every case, hashed once per run whatever the number of data
+    identifiers; in threads (hashlib releases the GIL on large buffers, so disk reads and hashing overlap)."""
+    def one(case) -> tuple[str, list[list[str]]]:
+        files = [*case.image_files, *([case.label_file] if case.label_file is not None else [])]
+        return case.case_id, input_record(files)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        records = dict(pool.map(one, cases))
+    log.info("hashed the input files of %d case(s) in %.1f s", len(cases), time.monotonic() - start)
+    return records
 
 
 # ------------------------------------------------------------------------------------ workers from memory
@@ -238,24 +296,45 @@ def _run_tasks(tasks: list[_Task], num_workers: int, description: str) -> list[t
     return results
 
 
+# The stage lock of preprocessed/<D> (file .preprocessed.lock), held by `autoseg preprocess` and for the whole of
+# `autoseg plan`: planning rewrites plans.json, which a concurrent preprocessing run would read half-way.
+PREPROCESS_STAGE = "preprocessed"
+
+
 def preprocess_dataset(
     dataset: str | int,
     configurations: Sequence[str] | None = None,
     root: str | os.PathLike | None = None,
     num_workers: int | None = None,
+    force: bool = False,
+    lock: bool = True,
 ) -> PreprocessReport:
     """Preprocess all training cases of ``dataset`` for ``configurations`` (default: every configuration in
     plans.json) into ``preprocessed/<dataset>/<data_identifier>/``. ``num_workers``: processes; None sizes
-    the pool from cores and free memory. See the module docstring for the rules."""
-    from autoseg.dataset import list_training_cases, load_dataset_spec
+    the pool from cores and free memory. ``force``: redo every case, current or not. ``lock=False`` only for
+    a caller that already holds the dataset's "preprocessed" stage lock (``plan_dataset``). See the module
+    docstring for the rules."""
+    from autoseg.locks import stage_lock
     from autoseg.paths import resolve_dataset
 
     location = resolve_dataset(dataset, root)
+    if not lock:
+        return _preprocess_locked(location, configurations, num_workers, force)
+    location.preprocessed.mkdir(parents=True, exist_ok=True)
+    with stage_lock(location.preprocessed, PREPROCESS_STAGE):
+        return _preprocess_locked(location, configurations, num_workers, force)
+
+
+def _preprocess_locked(location, configurations: Sequence[str] | None, num_workers: int | None,
+                       force: bool) -> PreprocessReport:
+    from autoseg.dataset import list_training_cases, load_dataset_spec
+
     plans_file = location.preprocessed / PLANS_FILE
     if not plans_file.is_file():
         raise ConfigurationError(
             f"{plans_file}: no plans found; run `autoseg plan {location.name}` first (it writes plans.json)"
         )
+    _PLANS_CACHE.clear()
     plans = load_plans(plans_file)
     selected = _select_configurations(plans, configurations)
     spec = load_dataset_spec(location.raw)
@@ -267,6 +346,7 @@ def preprocess_dataset(
         )
 
     report = PreprocessReport(ok=True)
+    inputs = _input_records(cases)
     for identifier, configuration in selected.items():
         folder = location.preprocessed / identifier
         folder.mkdir(parents=True, exist_ok=True)
@@ -277,9 +357,11 @@ def preprocess_dataset(
             location.preprocessed, configuration, plans.num_channels)
         # several workers share the cores: one blosc2 thread each; a lone worker may use them all
         compression_threads = 1 if workers > 1 else None
+        digest = plan_digest(plans, configuration)
         tasks = []
         for case in cases:
-            if is_complete(folder, case.case_id, with_label=True):
+            provenance = case_provenance(inputs[case.case_id], digest)
+            if not force and is_complete(folder, case.case_id, with_label=True, provenance=provenance):
                 report.skipped += 1
                 continue
             tasks.append(
@@ -291,9 +373,11 @@ def preprocess_dataset(
                     configuration=configuration.name,
                     output_folder=str(folder),
                     compression_threads=compression_threads,
+                    provenance=provenance,
                 )
             )
-        log.info("%s: %d case(s) to preprocess, %d already complete", identifier, len(tasks), len(cases) - len(tasks))
+        log.info("%s: %d case(s) to preprocess, %d already complete and current%s", identifier, len(tasks),
+                 len(cases) - len(tasks), " (--force: redoing all)" if force else "")
         for case_id, message in sorted(_run_tasks(tasks, workers, f"preprocess {identifier}")):
             if message is None:
                 report.processed += 1

@@ -21,9 +21,18 @@ Stored arrays are always 4D: 2D images get a leading Z axis of size 1, so one lo
 configuration (2D configurations sample single slices). Each array is written to a temporary name in the
 same folder, reopened and checked (shape, dtype) and only then renamed; the JSON is written last: a case is
 complete exactly when its JSON exists and the arrays it names load with the shapes it records.
+
+A case is also *current* only when it was made from what is there today: the case JSON records its
+``provenance`` (a content digest of every input file and a digest of the plan entries that shape
+preprocessing, see :func:`case_provenance`), and :func:`is_complete` given today's provenance calls a case
+with another one (or none: JSONs written before the field) incomplete, so a rerun redoes it. Size and
+modification time would not do: an image edited in place with its time preserved (``cp -p``, ``rsync -t``,
+a restore from backup) keeps both. Hashing the bytes (blake2b, ~1 GB/s) costs less than reading and
+resampling the same image, which every redo does anyway.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -60,6 +69,9 @@ class CaseProperties:
     # raw array axes in the working order above (Plans.transpose_forward as applied); None: identity
     transpose_forward: list[int] | None = None
     class_locations: dict[str, list[list[int]]] = field(default_factory=dict)  # label -> [[z, y, x], ...]
+    # what the case was made from (case_provenance); None in JSONs written before the field, which makes a
+    # rerun redo the case rather than trust it (optional field: same schema version, old JSONs still load)
+    provenance: dict[str, Any] | None = None
     schema_version: int = PROPERTIES_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -323,12 +335,51 @@ def load_case(
     return data, label, properties
 
 
-def is_complete(folder: str | os.PathLike, case_id: str, with_label: bool = True) -> bool:
-    """True when the case's JSON exists and its arrays load with the recorded shape (a rerun skips it)."""
+# ------------------------------------------------------------------------------------------ provenance
+DIGEST_BYTES = 16  # 128-bit blake2b: collisions are not a concern for telling versions of one file apart
+_READ_CHUNK = 1 << 20
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b (``DIGEST_BYTES``) of the file's bytes, hex."""
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    """blake2b of ``value``'s canonical JSON (sorted keys, compact), hex."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=DIGEST_BYTES).hexdigest()
+
+
+def input_record(input_files: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """``[[file name, file_digest], ...]`` of a case's image channel files then its label file, in that order
+    (the order is part of the record: swapped channels are another input). Names without folders, so moving
+    the data root does not make a store stale."""
+    return [[Path(f).name, file_digest(f)] for f in input_files]
+
+
+def case_provenance(inputs: list[list[str]], plan_digest: str) -> dict[str, Any]:
+    """What one stored case is made from: ``{"inputs": inputs, "plan": plan_digest}``, with ``inputs`` from
+    :func:`input_record` and ``plan_digest`` a digest of everything in the plan that changes the stored
+    arrays (``autoseg.preprocessing.dataset.plan_digest``)."""
+    return {"inputs": inputs, "plan": plan_digest}
+
+
+def is_complete(
+    folder: str | os.PathLike, case_id: str, with_label: bool = True, provenance: dict[str, Any] | None = None
+) -> bool:
+    """True when the case's JSON exists and its arrays load with the recorded shape (a rerun skips it) and,
+    when ``provenance`` is given, the case was made from exactly that (else it is stale: redo it)."""
     folder = Path(folder)
     try:
         data, label, properties = load_case(folder, case_id, mmap=True)
     except Exception:  # any unreadable piece means: redo this case
+        return False
+    if provenance is not None and properties.provenance != provenance:
         return False
     if list(data.shape[1:]) != list(properties.shape_after_resampling):
         return False

@@ -358,3 +358,62 @@ def test_unused_label_is_only_a_warning(tmp_path: Path) -> None:
     [warning] = report.warnings
     assert warning.check == "unused label" and "'tumour' (3)" in warning.expected
     assert "1 warning" in report.summary()
+
+
+# ------------------------------------------------------------------------------------------ issue 18 item 9
+def test_an_ending_that_differs_only_in_letter_case_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dataset = make_3d(tmp_path)
+    for channel in ("0000", "0001"):  # the case listing globs the exact ending: this case was silently dropped
+        source = dataset / "imagesTr" / f"case_001_{channel}.nii.gz"
+        source.rename(source.with_name(f"case_001_{channel}.NII.GZ"))
+    code, out = verify_cli(dataset, capsys)
+    assert code == 1
+    problems = problems_of(dataset, "file ending")
+    assert [p.file for p in problems] == ["imagesTr/case_001_0000.NII.GZ", "imagesTr/case_001_0001.NII.GZ"]
+    assert "'.NII.GZ'" in problems[0].found and problems[0].fix == "rename it to case_001_0000.nii.gz"
+
+
+def test_case_ids_that_differ_only_in_letter_case_are_one_problem(tmp_path: Path) -> None:
+    dataset = make_3d(tmp_path)
+    for channel in ("0000", "0001"):
+        source = dataset / "imagesTr" / f"case_002_{channel}.nii.gz"
+        source.rename(source.with_name(f"Case_002_{channel}.nii.gz"))
+    report = verify_dataset(dataset, num_workers=1)
+    [problem] = [p for p in report.problems if p.check == "case id letter case"]
+    assert "'Case_002', 'case_002'" in problem.found and "labelsTr/case_002.nii.gz" in problem.found
+    assert not [p for p in report.problems if p.check in ("image without label", "label without image")]
+
+
+def test_a_label_without_foreground_is_a_warning(tmp_path: Path) -> None:
+    dataset = make_3d(tmp_path)
+    path = dataset / "labelsTr" / "case_000.nii.gz"
+    label, geometry = read_segmentation(path)
+    write_segmentation(np.zeros_like(label), geometry, path)
+    report = verify_dataset(dataset, num_workers=1)
+    [problem] = [p for p in report.problems if p.check == "empty label"]
+    assert problem.file == "labelsTr/case_000.nii.gz" and problem.severity == "warning"
+    assert problem.found.startswith("label has no foreground") and report.ok
+
+
+def test_a_0_255_mask_is_named_as_such(tmp_path: Path) -> None:
+    dataset = generate(tmp_path / "Dataset104_Mask", SyntheticSpec(num_cases=2, shape=(8, 10, 10), seed=4))
+    edit_json(dataset, labels={"background": 0, "lesion": 1})
+    for path in sorted((dataset / "labelsTr").iterdir()):
+        label, geometry = read_segmentation(path)
+        write_segmentation(np.where(label > 0, 255, 0).astype(np.uint8), geometry, path)
+    [problem, _] = problems_of(dataset, "undeclared label value")
+    assert problem.found.startswith("labels are 0/255: a binary mask saved as 8-bit image")
+    assert problem.fix.startswith("map 255 to 1")
+
+
+def test_a_broken_dataset_json_still_lets_the_files_be_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dataset = make_3d(tmp_path)
+    (dataset / "dataset.json").write_text('{"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".nii.gz",')
+    (dataset / "imagesTr" / "case_001_0001.nii.gz").unlink()
+    path = dataset / "imagesTr" / "case_000_0000.nii.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    code, out = verify_cli(dataset, capsys)
+    assert code == 1
+    checks = {p.check for p in verify_dataset(dataset, num_workers=1).problems}
+    assert checks == {"dataset.json", "missing channel", "unreadable file"}, out
+    assert "still checked, with file ending '.nii.gz' and 2 channel(s)" in out
