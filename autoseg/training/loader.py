@@ -14,6 +14,7 @@ copy to the GPU overlaps compute. ``num_workers = 0`` makes the same batches in 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autoseg.training.data import PatchSampler
+from autoseg.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class _EndlessBatches(IterableDataset):
 def _init_worker(worker_id: int) -> None:
     # one torch thread per worker so workers do not fight the training process for cores
     torch.set_num_threads(1)
+    # a kill -9 of the trainer must not leave its loader workers running until torch's watchdog notices
+    die_with_parent(os.getppid())
 
 
 class BatchLoader:
