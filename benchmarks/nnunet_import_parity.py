@@ -94,12 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         theirs, _ = read_segmentation(reference)
         ours, _ = read_segmentation(ours_out / reference.name)
         differing = int((np.asarray(theirs) != np.asarray(ours)).sum())
-        rows.append([reference.name.replace(".nii.gz", ""), *(f"{dice(theirs, ours, k):.4f}" for k in labels),
+        # voxel counts beside the Dice: a class that neither predicts has Dice 1.0 and proves nothing
+        rows.append([reference.name.replace(".nii.gz", ""),
+                     *(f"{dice(theirs, ours, k):.4f} ({int((theirs == k).sum())} / {int((ours == k).sum())})"
+                       for k in labels),
                      f"{differing} / {theirs.size}"])
     machine = machine_description()
     print(f"{dt.date.today().isoformat()}, {machine['cpu']}, {machine['cores']} cores, CPU only; "
           f"nnU-Net {nnunet.version()}")
-    print(markdown_table(["case", "Dice class 1", "Dice class 2", "voxels that differ"], rows))
+    print(markdown_table(["case", "class 1: Dice (voxels nnU-Net / autoseg)", "class 2: Dice (voxels nnU-Net / autoseg)",
+                          "voxels that differ"], rows))
     print(f"\npredict wall time for {len(rows)} cases: nnUNetv2_predict {nnunet_time:.1f} s, "
           f"autoseg predict {ours_time:.1f} s (import: {import_time:.1f} s)")
     return 0
