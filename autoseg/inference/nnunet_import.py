@@ -54,10 +54,11 @@ benchmarks/nnunet_import_parity.py) and checkpoints written in nnU-Net's format 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -196,7 +197,7 @@ def nnunet_state_dict(state_dict: dict[str, torch.Tensor], architecture: str) ->
     the other way; raises ValueError for a key of ours with no nnU-Net name."""
     inverse = {key: _nnunet_name(key, architecture, value) for key, value in state_dict.items()}
     result: dict[str, torch.Tensor] = {}
-    encoder = {}
+    encoder: dict[str, torch.Tensor] = {}
     for ours, theirs in inverse.items():
         value = state_dict[ours]
         result[theirs] = value
@@ -220,7 +221,8 @@ _INVERSE_RULES: dict[str, list[tuple[re.Pattern[str], Callable[[re.Match[str]], 
          lambda m: f"decoder.stages.{m[1]}.convs.{m[2]}.{'conv' if m[3] == '0' else 'norm'}.{m[4]}"),
     ],
     "resenc": [
-        (re.compile(rf"^stem\.([01])\.{_PARAM}$"), lambda m: f"encoder.stem.convs.0.{'conv' if m[1] == '0' else 'norm'}.{m[2]}"),
+        (re.compile(rf"^stem\.([01])\.{_PARAM}$"),
+         lambda m: f"encoder.stem.convs.0.{'conv' if m[1] == '0' else 'norm'}.{m[2]}"),
         (re.compile(rf"^encoder\.(\d+)\.(\d+)\.conv1\.([01])\.{_PARAM}$"),
          lambda m: f"encoder.stages.{m[1]}.blocks.{m[2]}.conv1.{'conv' if m[3] == '0' else 'norm'}.{m[4]}"),
         (re.compile(rf"^encoder\.(\d+)\.(\d+)\.(conv2|norm2)\.{_PARAM}$"),
@@ -490,8 +492,12 @@ def load_nnunet_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; pass --checkpoint with the file name nnU-Net wrote "
                               f"in each fold_<k> folder (default {NNUNET_CHECKPOINT})")
+    # torch.serialization.safe_globals arrived in torch 2.5; older torch reads tensors and primitives only, which
+    # refuses nnU-Net's numpy numbers (the message below then says to upgrade)
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    allowed = safe_globals(_allowed_numpy_globals()) if safe_globals is not None else contextlib.nullcontext()
     try:
-        with torch.serialization.safe_globals(_allowed_numpy_globals()):
+        with allowed:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises UnpicklingError, zip errors, RuntimeError
         offending = ""
@@ -507,6 +513,8 @@ def load_nnunet_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: cannot be read as data only ({offending or ''}{first_line}); import-nnunet never runs code "
             "from a checkpoint: expected an nnU-Net v2 checkpoint of tensors, numbers and strings"
+            + ("; torch >= 2.5 is needed to read the numpy numbers in nnU-Net's log, upgrade torch"
+               if safe_globals is None else "")
         ) from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
         found = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -515,7 +523,9 @@ def load_nnunet_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def fold_checkpoints(results_folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[tuple[int | str, Path]]:
+def fold_checkpoints(
+    results_folder: Path, folds: Sequence[int | str] | None, checkpoint: str
+) -> list[tuple[int | str, Path]]:
     """(fold, checkpoint path) for ``folds`` (default: every fold_<k> folder holding ``checkpoint``)."""
     if folds is None:
         found = []
@@ -630,7 +640,7 @@ def import_nnunet(results_folder: str | os.PathLike, output: str | os.PathLike,
     model = read_nnunet_model(results_folder, folds, checkpoint)
     for warning in model.warnings:
         log.warning(warning)
-    configuration_json = _configuration_json(model.configuration)
+    configuration_json = asdict(model.configuration)  # the form checkpoints and bundles store it in
     manifest = BundleManifest(
         dataset_name=model.plans.dataset_name, configuration=model.configuration.name,
         architecture=model.configuration.architecture.name, in_channels=model.in_channels,
@@ -639,10 +649,4 @@ def import_nnunet(results_folder: str | os.PathLike, output: str | os.PathLike,
     log.info("nnU-Net %s (%s) -> autoseg %s, %d fold(s)", model.trainer_name, model.configuration.name,
              model.configuration.architecture.name, len(model.folds))
     return write_bundle(output, manifest, model.plans, configuration_json, model.folds, model.dataset_json)
-
-
-def _configuration_json(configuration: Configuration) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(configuration)
 
