@@ -15,7 +15,10 @@ Steps, each skipped when its output is already in ``--workdir`` (so a rerun afte
    defaults);
 3. autoseg: ``autoseg import-nnunet <results folder> -o model.zip -f 0``, then ``autoseg predict -m model.zip``
    on the same imagesTs (mirroring, step 0.5: our defaults too);
-4. Dice per foreground class between the two predictions of every test case, and both predict wall times.
+4. Dice per foreground class between the two predictions of every test case, and both predict wall times;
+5. network level, no training: nnU-Net's own PlainConvUNet and ResidualEncoderUNet (3 stages, 2D and 3D, random
+   weights with perturbed norms), built and run in its venv; their state dicts translated by
+   ``translate_state_dict`` into ours, run on the same input: the largest absolute logit difference.
 
 The accuracy of the model does not matter here (a few minutes of CPU training): the two predictions of the same
 weights must agree. Prints a markdown table (docs/prediction.md, "Models trained with nnU-Net v2").
@@ -43,6 +46,64 @@ def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     x, y = a == label, b == label
     total = int(x.sum()) + int(y.sum())
     return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
+
+
+# run with nnU-Net's python: its networks (dynamic_network_architectures) with random weights, their state dicts,
+# an input and their logits, saved with torch.save for network_parity() to read
+NNUNET_NETWORKS = """
+import sys, torch
+from torch import nn
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+torch.manual_seed(0)
+for dims in (2, 3):
+    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dims == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+    kernels = [[1, 3, 3], [3, 3, 3], [3, 3, 3]] if dims == 3 else [[3, 3]] * 3
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2]] if dims == 3 else [[1, 1], [2, 2], [2, 2]]
+    common = dict(input_channels=2, n_stages=3, features_per_stage=[4, 8, 16], conv_op=conv, kernel_sizes=kernels,
+                  strides=strides, num_classes=3, conv_bias=True, norm_op=norm,
+                  norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, deep_supervision=False)
+    for name, network in (("unet", PlainConvUNet(n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2], **common)),
+                          ("resenc", ResidualEncoderUNet(n_blocks_per_stage=[1, 3, 2], n_conv_per_stage_decoder=[1, 1],
+                                                         **common))):
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+        network.eval()
+        x = torch.randn(1, 2, *([8, 16, 16] if dims == 3 else [16, 16]))
+        with torch.no_grad():
+            y = network(x)
+        torch.save({"weights": network.state_dict(), "x": x, "y": y, "kernels": kernels, "strides": strides},
+                   f"{sys.argv[1]}/{name}_{dims}d.pt")
+"""
+
+
+def network_parity(nnunet_python: Path, workdir: Path) -> list[list[str]]:
+    """Rows (architecture, dims, nnU-Net keys, our keys, max |logit difference|) of step 5."""
+    import subprocess
+
+    import torch
+
+    from autoseg import networks
+    from autoseg.inference.nnunet_import import translate_state_dict
+
+    folder = workdir / "networks"
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(nnunet_python), "-c", NNUNET_NETWORKS, str(folder)], check=True)
+    rows = []
+    for dims in (2, 3):
+        for name in ("unet", "resenc"):
+            saved = torch.load(folder / f"{name}_{dims}d.pt", weights_only=True)
+            options = {"blocks_per_stage": [1, 3, 2]} if name == "resenc" else {}
+            network = networks.build(name, 2, 3, patch_size=list(saved["x"].shape[2:]), strides=saved["strides"],
+                                     kernel_sizes=saved["kernels"], features=[4, 8, 16], deep_supervision=False,
+                                     **options)
+            state = translate_state_dict(saved["weights"], name, network.state_dict(), name)
+            network.load_state_dict(state, strict=True)
+            with torch.no_grad():
+                difference = (network.eval()(saved["x"]) - saved["y"]).abs().max().item()
+            rows.append([name, f"{dims}D", str(len(saved["weights"])), str(len(state)), f"{difference:.2e}"])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                           "voxels that differ"], rows))
     print(f"\npredict wall time for {len(rows)} cases: nnUNetv2_predict {nnunet_time:.1f} s, "
           f"autoseg predict {ours_time:.1f} s (import: {import_time:.1f} s)")
+    print()
+    print(markdown_table(["architecture", "dims", "nnU-Net keys", "our keys", "max |logit difference|"],
+                         network_parity(nnunet.python, workdir)))
     return 0
 
 
