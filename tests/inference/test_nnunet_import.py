@@ -267,3 +267,13 @@ def test_changed_alias_is_refused(tmp_path):
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=r"decoder\.encoder\.stages\.1\.0\.convs\.0\.all_modules\.0\.weight"):
         read_nnunet_model(folder)
+
+
+@pytest.mark.parametrize("axes,warned", [((0, 1, 2), False), ((1, 2), True), (None, True)])
+def test_mirroring_axes_other_than_all_are_warned_about(tmp_path, axes, warned):
+    folder = write_results_folder(tmp_path, "3d_fullres", our_network("3d_fullres"),
+                                  extra={"inference_allowed_mirroring_axes": axes})
+    warnings = read_nnunet_model(folder).warnings
+    assert bool(warnings) == warned
+    if warned:
+        assert "--no-mirror" in warnings[0] and repr(axes) in warnings[0]
