@@ -5,7 +5,8 @@ Usage (from the repository root, autoseg's venv; nnU-Net v2 in its own venv, dri
     python benchmarks/nnunet_import_parity.py --nnunet-venv ../wt-synth/.venv-nnunet [--workdir bench_out/nnunet_import]
                                               [--budget 240] [--cases 6] [--test-cases 3]
 
-Steps, each skipped when its output is already in ``--workdir`` (so a rerun after a failure resumes):
+Steps, each skipped when its output is already in ``--workdir`` (so a rerun after a failure resumes; it then
+reports nnU-Net's predict time recorded by the first run, measured under that run's machine load):
 
 1. a synthetic 3D dataset (``autoseg.dataset.synthetic``: ``--cases`` training + ``--test-cases`` test cases,
    about 32 x 48 x 48 voxels, MRI: z-score normalisation) as ``Dataset981_ImportParity``;
