@@ -165,6 +165,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_nnunet(args: argparse.Namespace) -> int:
+    from autoseg.inference.nnunet_import import import_nnunet
+
+    written = import_nnunet(args.results_folder, args.output, folds=args.folds, checkpoint=args.checkpoint)
+    print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MB)")
+    print(f"on any machine: autoseg predict -m {written} -i IMAGES -o OUTPUT")
+    return 0
+
+
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from autoseg.inference.ensemble import ensemble_folders
 
@@ -368,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["bundle", "onnx"], default="bundle",
                    help="bundle: one .zip for autoseg predict -m; onnx: a folder of fold_<k>.onnx + preprocessing.json")
     p.add_argument("-o", "--output", required=True, help="the .zip to write (bundle) or a folder (onnx)")
+
+    p = command("import-nnunet", _cmd_import_nnunet, "turn a model trained with nnU-Net v2 into a model bundle",
+                "Read an nnU-Net v2 results folder (<Trainer>__<Plans>__<configuration> with plans.json, dataset.json "
+                "and fold_<k>/checkpoint_final.pth; PlainConvUNet or ResidualEncoderUNet) and write it as a bundle "
+                "for `autoseg predict -m`. Checkpoints are read as data only (no code runs). Details: docs/prediction.md")
+    p.add_argument("results_folder", help="e.g. nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    p.add_argument("-o", "--output", required=True, help="the .zip to write")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to import (default: every fold_<k> found)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
 
     p = command("ensemble", _cmd_ensemble, "average saved probabilities of several prediction folders",
                 "Average the <case>.npz probabilities of several prediction folders and write segmentations.")
