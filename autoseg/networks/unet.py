@@ -8,7 +8,6 @@ Any number of stages; anisotropic strides and kernels come from the planner.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from autoseg.networks.blocks import (
     conv_class,
     cumulative_strides,
     init_kaiming,
+    strided_unet_constraints,
     transposed_conv_class,
 )
 from autoseg.networks.registry import divisible_by_strides, register
@@ -133,21 +133,7 @@ def unet_constraints(
     """Each patch axis must be divisible by the product of that axis' strides (architectures.md 1), and the
     bottleneck must hold at least ``MIN_BOTTLENECK_VOXELS`` voxels: instance norm (batch norm too) needs
     more than one value per channel, in training and, for instance norm, at inference as well."""
-    if strides is None:
-        return []
-    divisor = divisible_by_strides(strides, dims)
-    bad = [
-        f"axis {axis} size {p} is not divisible by {d}"
-        for axis, (p, d) in enumerate(zip(patch_size, divisor))
-        if p % d
-    ]
-    if bad:
-        return [f"{', '.join(bad)} (product of the strides per axis is {divisor})"]
-    bottleneck = tuple(p // d for p, d in zip(patch_size, divisor))
-    if math.prod(bottleneck) < MIN_BOTTLENECK_VOXELS:
-        return [f"the bottleneck {bottleneck} holds fewer than {MIN_BOTTLENECK_VOXELS} voxels (normalisation "
-                "needs more than one value per channel); use fewer downsamplings or a larger patch"]
-    return []
+    return strided_unet_constraints(patch_size, strides, MIN_BOTTLENECK_VOXELS)
 
 
 @register(
