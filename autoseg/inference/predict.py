@@ -330,6 +330,8 @@ def predict(
             dataset, configuration, folds=folds, root=root, architecture=architecture, checkpoint=checkpoint,
             device=device, step_size=step_size, mirror=mirror, mixed_precision=mixed_precision,
         )
+    if predictor.spill_directory is None:  # big network-grid results spill beside the outputs, not to a tmpfs /tmp
+        predictor.spill_directory = output
     rules = load_postprocessing_rules(predictor.sources[0].parent.parent) if postprocess and predictor.sources else None
     report = PredictReport(ok=True)
     workers = max(1, int(num_workers))
