@@ -114,6 +114,8 @@ class SpilledArray:
         """``array[channels, start:stop]`` as a new ``[len(channels), stop - start, Y, X]`` numpy array."""
         channels = range(self.shape[0]) if channels is None else channels
         out = np.empty((len(channels), stop - start, *self.shape[2:]), dtype=self.dtype)
+        if out.size == 0:
+            return out
         with self._lock:
             for index, channel in enumerate(channels):
                 self._file.seek(self._offset(channel, start))
