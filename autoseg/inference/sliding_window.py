@@ -293,28 +293,21 @@ def sliding_window_predict(
 
 
 # ------------------------------------------------------------------------- band streaming (bounded memory)
-def first_axis_bands(first_axis_starts: Sequence[int], batch_size: int, length: int) -> list[tuple[int, int, int, int]]:
-    """Group windows into bands along the first axis, for streaming: ``(first, stop, done, final)`` per band.
+def first_axis_bands(first_axis_starts: Sequence[int], length: int) -> list[tuple[int, int, int, int]]:
+    """Bands of windows along the first axis, for streaming: ``(first, stop, done, final)`` per band.
 
     ``first_axis_starts``: the first-axis start of every window, in the (C) order of :func:`window_slices`,
-    so non-decreasing. Windows go through the network in batches ``[i, i + batch_size)`` from 0, exactly as
-    in :func:`sliding_window_predict`; a band is the run of batches whose first window starts at the same row,
-    so windows ``first:stop`` (whole batches) form a band. Once they are added, no later window touches a row
-    below ``final`` (the start of the next band's first window, ``length`` after the last band): rows
-    ``done:final`` are final, where ``done`` is the previous band's ``final`` (0 for the first).
+    so non-decreasing. Band ``i`` is the windows ``first:stop`` that start at row ``done`` (the i-th distinct
+    start). Once they are added, no later window touches a row below ``final`` (the next band's start, or
+    ``length`` after the last band): rows ``done:final`` are final.
     """
-    count = len(first_axis_starts)
-    size = max(1, int(batch_size))
     bands: list[tuple[int, int, int, int]] = []
-    done, first = 0, 0
+    first, count = 0, len(first_axis_starts)
     while first < count:
-        stop = first + size
-        while stop < count and first_axis_starts[stop] == first_axis_starts[first]:
-            stop += size
-        stop = min(stop, count)
-        final = int(first_axis_starts[stop]) if stop < count else int(length)
-        bands.append((first, stop, done, final))
-        done, first = final, stop
+        done = int(first_axis_starts[first])
+        stop = bisect.bisect_right(first_axis_starts, done, lo=first)
+        bands.append((first, stop, done, int(first_axis_starts[stop]) if stop < count else int(length)))
+        first = stop
     return bands
 
 
@@ -362,17 +355,19 @@ def iter_log_softmax_rows(
     ``[K, stop - start, Y, X]`` on the device it was accumulated on, equal to ``[:, start:stop]`` of the
     whole-volume result.
 
-    How: the windows run in the order and batches of :func:`sliding_window_predict` (sorted by first-axis
-    start), band by band (:func:`first_axis_bands`), into a rolling buffer of rows; rows that no remaining
+    How: the windows are added in the order of :func:`sliding_window_predict` (sorted by first-axis start),
+    band by band (:func:`first_axis_bands`), into a rolling buffer one patch deep; rows that no remaining
     window touches are final and leave (log-softmax in float32, ``block_bytes`` of float32 at a time), the
-    rest move up. Same arithmetic as the whole-volume accumulator: each window is weighted by its Gaussian
-    over the summed weights (computed per band, bit-identical to the whole-volume sum), added in float32 and
-    rounded once to ``accumulator_dtype``.
+    rest move up. The network sees the same batches (``batch_size`` consecutive windows); a batch reaching
+    into the next band keeps those windows' logits until that band. Same arithmetic as the whole-volume
+    accumulator: each window is weighted by its Gaussian over the summed weights (computed per band,
+    bit-identical to the whole-volume sum), added in float32 and rounded once to ``accumulator_dtype``, in
+    the same order; so the rows are bit-identical to the whole-volume result where the log-softmax kernel
+    rounds alike (it did on every CPU we tried).
 
-    Memory, instead of ``[K, Z, Y, X]``: the buffer ``[K, rows, Y, X]`` of ``accumulator_dtype`` plus a float32
-    ``[rows, Y, X]`` of weights, where ``rows`` is the patch's first-axis size (plus the rows of the next band
-    when a batch of windows crosses into it: at most one step more for the usual tile counts; 3D only, 2D
-    windows are one row deep). The input ``data`` (``[C, Z, Y, X]``) stays whole.
+    Memory, instead of ``[K, Z, Y, X]``: the buffer ``[K, patch depth, Y, X]`` of ``accumulator_dtype`` (2D: one
+    row), a float32 ``[patch depth, Y, X]`` of weights and one batch of window logits (float32
+    ``[batch_size, K, *patch]``). The input ``data`` (``[C, Z, Y, X]``) stays whole.
     """
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
@@ -386,9 +381,8 @@ def iter_log_softmax_rows(
     spatial = tuple(padded.shape[1:])
     tiles = list(window_slices(compute_tile_starts(spatial, window, step_size), window))
     starts = [int(tile[0].start) for tile in tiles]
-    bands = first_axis_bands(starts, batch_size, spatial[0])
-    # rows the buffer must hold: from the band's first non-final row to the furthest row its windows reach
-    capacity = max(max(starts[first:stop]) + window[0] - done for first, stop, done, _ in bands)
+    bands = first_axis_bands(starts, spatial[0])
+    capacity = window[0]  # a band's windows cover rows done:done + depth; the next band starts at most there
 
     buffer, acc_device = _allocate((num_classes, capacity, *spatial[1:]), device, accumulator_dtype)
     gaussian = torch.from_numpy(gaussian_importance_map(window, sigma_scale)).to(acc_device)
@@ -397,29 +391,31 @@ def iter_log_softmax_rows(
     out_rows, plane = unpad[1], (slice(None), slice(None), *unpad[2:])
     row_bytes = 4 * num_classes * int(np.prod(padded.shape[2:]))
     rows_per_block = max(1, int(block_bytes) // row_bytes)
+    pending: dict[int, torch.Tensor] = {}  # window index -> logits of a batch that reached past its band
     for first, stop, done, final in bands:
         weights = _band_weights(tiles, starts, (done, done + capacity), spatial[1:], gaussian)
-        for batch_first in range(first, stop, batch_size):
-            batch_tiles = tiles[batch_first:min(batch_first + batch_size, stop)]
-            batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles]).to(device, non_blocking=True)
-            if dims == 2:
-                batch = batch[:, :, 0]
-            logits = _predict_windows(network, batch, mirror, amp)
-            if dims == 2:
-                logits = logits[:, :, None]
-            if logits.shape[1] != num_classes or tuple(logits.shape[2:]) != window:
-                raise ValueError(
-                    f"network returned {tuple(logits.shape)} for windows {window}; expected {num_classes} classes "
-                    "at the window size"
-                )
-            logits = logits.to(acc_device)
-            for tile, window_logits in zip(batch_tiles, logits):
-                local = (slice(tile[0].start - done, tile[0].stop - done), *tile[1:])
-                target = buffer[(slice(None), *local)]
-                updated = target.float() + window_logits * (gaussian / weights[local])
-                if limit is not None:
-                    updated = updated.clamp_(-limit, limit)
-                target.copy_(updated)
+        for index in range(first, stop):
+            if index not in pending:  # the first window of the next batch (batches start at multiples of batch_size)
+                batch_tiles = tiles[index:index + batch_size]
+                batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles]).to(device, non_blocking=True)
+                if dims == 2:
+                    batch = batch[:, :, 0]
+                logits = _predict_windows(network, batch, mirror, amp)
+                if dims == 2:
+                    logits = logits[:, :, None]
+                if logits.shape[1] != num_classes or tuple(logits.shape[2:]) != window:
+                    raise ValueError(
+                        f"network returned {tuple(logits.shape)} for windows {window}; expected {num_classes} "
+                        "classes at the window size"
+                    )
+                pending.update(zip(range(index, index + len(batch_tiles)), logits.to(acc_device)))
+            tile, window_logits = tiles[index], pending.pop(index)
+            local = (slice(tile[0].start - done, tile[0].stop - done), *tile[1:])
+            target = buffer[(slice(None), *local)]
+            updated = target.float() + window_logits * (gaussian / weights[local])
+            if limit is not None:
+                updated = updated.clamp_(-limit, limit)
+            target.copy_(updated)
         # rows done:final are final; of them, only those inside the unpadded image leave
         for row in range(max(done, out_rows.start), min(final, out_rows.stop), rows_per_block):
             last = min(row + rows_per_block, final, out_rows.stop)

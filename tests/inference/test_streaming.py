@@ -15,12 +15,10 @@ from autoseg import networks
 from autoseg.inference import Predictor, predict
 from autoseg.inference import sliding_window, streaming
 from autoseg.inference.sliding_window import (
-    compute_tile_starts,
     first_axis_bands,
     iter_log_softmax_rows,
     map_slabs,
     sliding_window_predict,
-    window_slices,
 )
 from autoseg.inference.streaming import SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_segmentation, write_image
@@ -53,12 +51,11 @@ def _whole_volume_reference(folds, data, patch, dims, batch_size) -> torch.Tenso
 
 
 def test_first_axis_bands_hand_computed() -> None:
-    # three windows per row start (0, 4, 8), batches of two: the batch [2, 3] crosses from row 0 into row 4
+    # three windows per start row (0, 4, 8) of a 16-row image
     starts = [0, 0, 0, 4, 4, 4, 8, 8, 8]
-    assert first_axis_bands(starts, 2, 16) == [(0, 4, 0, 4), (4, 6, 4, 8), (6, 9, 8, 16)]
-    assert first_axis_bands(starts, 3, 16) == [(0, 3, 0, 4), (3, 6, 4, 8), (6, 9, 8, 16)]
-    # a batch larger than a row's windows spans several starts; 2D windows (one row deep) repeat starts
-    assert first_axis_bands([0, 1, 1, 2, 2], 4, 3) == [(0, 4, 0, 2), (4, 5, 2, 3)]
+    assert first_axis_bands(starts, 16) == [(0, 3, 0, 4), (3, 6, 4, 8), (6, 9, 8, 16)]
+    # 2D windows are one row deep and compute_tile_starts repeats rows at step 0.5: rows 1 and 2 twice
+    assert first_axis_bands([0, 1, 1, 2, 2], 3) == [(0, 1, 0, 1), (1, 3, 1, 2), (3, 5, 2, 3)]
 
 
 @pytest.mark.parametrize(
@@ -96,20 +93,30 @@ def test_streamed_rows_equal_the_whole_volume_over_two_folds(dims, patch, shape,
                                rtol=2**-10, atol=2**-14)
 
 
-def test_band_buffer_is_the_patch_depth_not_the_volume(monkeypatch: pytest.MonkeyPatch) -> None:
-    shapes = []
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_band_buffer_is_one_patch_deep_whatever_the_batches(monkeypatch: pytest.MonkeyPatch, batch_size: int) -> None:
+    """64 x 16 x 24 voxels, patch 8 x 16 x 16: 15 bands of 2 windows; batches of 5 reach up to 3 bands ahead."""
+    shapes, calls = [], []
     allocate = sliding_window._allocate
 
     def recording_allocate(shape, device, dtype=torch.float32):
         shapes.append(tuple(shape))
         return allocate(shape, device, dtype)
 
+    network = _tiny_unet(3, 0)
+
+    def counted(batch):
+        calls.append(batch.shape[0])
+        return network(batch)
+
     monkeypatch.setattr(sliding_window, "_allocate", recording_allocate)
     with torch.inference_mode():
-        rows = list(iter_log_softmax_rows(_tiny_unet(3, 0), torch.randn(1, 64, 16, 16), (8, 16, 16), 3, CLASSES,
-                                          mirror=False, batch_size=1))
-    assert shapes == [(CLASSES, 8, 16, 16)]  # one window per band: the buffer is exactly one patch deep
+        rows = list(iter_log_softmax_rows(counted, torch.randn(1, 64, 16, 24), (8, 16, 16), 3, CLASSES,
+                                          mirror=False, batch_size=batch_size))
+    assert shapes == [(CLASSES, 8, 16, 24)]  # never the 64 rows of the volume, nor more than the patch
     assert rows[-1][1] == 64
+    windows = 15 * 2
+    assert calls == [batch_size] * (windows // batch_size) + ([windows % batch_size] if windows % batch_size else [])
 
 
 def test_spilled_array_reads_what_was_written(tmp_path: Path) -> None:
@@ -239,9 +246,7 @@ def test_peak_memory_with_a_spilled_result_stays_at_the_band_size(tmp_path: Path
     assert report.ok, report.failures
     assert len(spilled_results) == 1 and spilled_results[0].nbytes == 2 * classes * voxels  # on disk, not in RAM
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["big.nii.gz"]  # no spill file left
-    starts = [tile[0].start for tile in window_slices(compute_tile_starts(shape, patch, 0.5), patch)]
-    capacity = max(max(starts[a:b]) + patch[0] - done for a, b, done, _ in first_axis_bands(starts, 2, shape[0]))
-    band = 2 * classes * capacity * shape[1] * shape[2]  # the float16 band buffer
+    band = 2 * classes * patch[0] * shape[1] * shape[2]  # the float16 band buffer, one patch deep
     bound = band + 3 * predictor.restore_slab_bytes + 6 * 4 * voxels  # + image, preprocessing, label map
     full_result = 2 * classes * voxels
     assert bound < full_result / 2
