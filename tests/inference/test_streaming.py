@@ -250,7 +250,6 @@ def test_peak_memory_with_a_spilled_result_stays_at_the_band_size(tmp_path: Path
     bound = band + 3 * predictor.restore_slab_bytes + 6 * 4 * voxels  # + image, preprocessing, label map
     full_result = 2 * classes * voxels
     assert bound < full_result / 2
-    print(f"traced peak {peak / 2**20:.2f} MiB, bound {bound / 2**20:.2f} MiB, full result {full_result / 2**20:.2f} MiB")
     assert peak < bound, f"peak {peak / 2**20:.1f} MiB above the band bound {bound / 2**20:.1f} MiB"
 
     # the same case with the result in RAM gives the same segmentation
