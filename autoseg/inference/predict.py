@@ -363,6 +363,8 @@ def predict(
                 device=device, step_size=step_size, mirror=mirror, mixed_precision=mixed_precision,
                 postprocess=postprocess,
             )
+    if predictor.spill_directory is None:  # big network-grid results spill beside the outputs, not to a tmpfs /tmp
+        predictor.spill_directory = output
     # the model's channel count decides how files are named (find_input_cases), so cases are found after it loads
     cases = select_part(find_input_cases(input, num_channels=predictor.plans.num_channels), int(part), int(parts))
     if output_format == "dicom-seg":

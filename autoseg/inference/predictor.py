@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch import nn
 
 from autoseg.device import choose_device, inference_amp_dtype
 from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
-from autoseg.inference.sliding_window import map_slabs, sliding_window_predict
+from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
 from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
 from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
@@ -193,6 +192,10 @@ class Predictor:
         self.accumulator_dtype = torch.float16 if mixed_precision else torch.float32
         # float32 bytes of one slab of all classes when restoring to the original grid (restore_segmentation)
         self.restore_slab_bytes = RESTORE_SLAB_BYTES
+        # network-grid results above this many bytes go to a temporary file in spill_directory (None: the system
+        # temporary folder; autoseg predict uses its output folder): streaming.py
+        self.result_ram_bytes = RESULT_RAM_BYTES
+        self.spill_directory: Path | None = None
         self.sources = [Path(s) for s in sources]
         self.networks = [network.to(self.device).eval() for network in networks]
         # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
@@ -353,61 +356,30 @@ class Predictor:
     def model_dims(self) -> int:
         return int(self.configuration.dims)
 
-    def predict_log_probabilities(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def predict_log_probabilities(self, data: np.ndarray | torch.Tensor) -> torch.Tensor | SpilledArray:
         """Log of the fold-averaged softmax, ``[K, Z, Y, X]`` on the CPU in :attr:`accumulator_dtype`
-        (float16 unless built with ``mixed_precision=False``), for a preprocessed ``[C, Z, Y, X]`` array.
+        (float16 unless built with ``mixed_precision=False``), for a preprocessed ``[C, Z, Y, X]`` array; above
+        :attr:`result_ram_bytes` a :class:`~autoseg.inference.streaming.SpilledArray` read by rows.
 
         Log-probabilities rather than probabilities: they are what the restore interpolates
         (:func:`~autoseg.preprocessing.resampling.resample_probabilities` says why), and float16 keeps them to
         about 3 significant digits however unlikely a class is, where float16 probabilities would flush
         everything below 6e-8 to zero. Folds are combined as ``log(mean_f p_f) = logsumexp_f(log p_f) - log F``,
-        slab by slab in float32 (:func:`~autoseg.inference.sliding_window.map_slabs`), so no float32 copy of
-        the volume is ever made, on the device where the folds were accumulated (so the CPU makes no pass
-        over the volume while the GPU waits). Always at the planned patch size (fixed-size networks accept
+        row block by row block as each fold's rows leave its band buffer, in float32 on the device the fold
+        runs on (:func:`~autoseg.inference.streaming.stream_log_probabilities`): no array of classes times the
+        volume exists besides the result. Always at the planned patch size (fixed-size networks accept
         nothing else).
         """
         if data.ndim != 4 or data.shape[0] != self.in_channels:
             raise ValueError(
                 f"preprocessed data must be [C={self.in_channels}, Z, Y, X], got shape {tuple(data.shape)}"
             )
-        tensor = torch.as_tensor(np.asarray(data, dtype=np.float32) if isinstance(data, np.ndarray) else data)
-        total: torch.Tensor | None = None
-        with torch.inference_mode():
-            for network in self.networks:
-                log_probabilities = sliding_window_predict(
-                    network,
-                    tensor,
-                    self.configuration.patch_size,
-                    self.model_dims,
-                    self.num_classes,
-                    step_size=self.step_size,
-                    mirror=self.mirror,
-                    device=self.device,
-                    batch_size=self.window_batch_size,
-                    amp=self.amp,
-                    accumulator_dtype=self.accumulator_dtype,
-                    log_softmax=True,
-                    to_cpu=False,  # folds combine where they were accumulated: the GPU, when they fit
-                )
-                if total is None:
-                    total = log_probabilities
-                else:
-                    if total.device != log_probabilities.device:  # one fold's accumulator fell back to the CPU
-                        total, log_probabilities = total.cpu(), log_probabilities.cpu()
-                    map_slabs(total, torch.logaddexp, log_probabilities)
-                del log_probabilities
-                if total.device.type == "cuda" and network is not self.networks[-1]:
-                    # the next fold's accumulator (as big as `total`) must fit beside it, with room for the
-                    # windows; else keep the running total on the CPU rather than push the accumulation there
-                    free, _ = torch.cuda.mem_get_info(total.device)
-                    if free < 2 * total.numel() * total.element_size():
-                        total = total.cpu()
-            assert total is not None
-            if len(self.networks) > 1:
-                shift = math.log(len(self.networks))
-                map_slabs(total, lambda block: block - shift)
-            total = total.cpu()
-        return total
+        with torch.inference_mode():  # rows streamed, folds combined as they come: streaming.py
+            return stream_log_probabilities(
+                self.networks, data, self.configuration.patch_size, self.model_dims, self.num_classes,
+                step_size=self.step_size, mirror=self.mirror, device=self.device, batch_size=self.window_batch_size,
+                amp=self.amp, accumulator_dtype=self.accumulator_dtype, ram_bytes=self.result_ram_bytes,
+                spill_directory=self.spill_directory)
 
     def predict_preprocessed(self, data: np.ndarray | torch.Tensor) -> np.ndarray:
         """Softmax probabilities float32 ``[K, Z, Y, X]`` for a preprocessed ``[C, Z, Y, X]`` array, averaged
@@ -416,7 +388,7 @@ class Predictor:
         log_probabilities = self.predict_log_probabilities(data)
         probabilities = np.empty(tuple(log_probabilities.shape), dtype=np.float32)
         for start in range(probabilities.shape[1]):
-            probabilities[:, start] = np.exp(log_probabilities[:, start].numpy().astype(np.float32))
+            probabilities[:, start] = np.exp(np.asarray(log_probabilities[:, start], dtype=np.float32))
         return probabilities
 
     def check_image(self, image: np.ndarray, geometry: Geometry, name: str = "image") -> None:

@@ -12,6 +12,7 @@ Axis conventions (style.md): data is ``[C, Z, Y, X]``; ``patch_size`` has one en
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -289,3 +290,139 @@ def sliding_window_predict(
         floor = float(torch.finfo(accumulator_dtype).min)
         result = map_slabs(result, lambda block: torch.log_softmax(block, dim=0).clamp_(min=floor))
     return result.cpu() if to_cpu else result
+
+
+# ------------------------------------------------------------------------- band streaming (bounded memory)
+def first_axis_bands(first_axis_starts: Sequence[int], length: int) -> list[tuple[int, int, int, int]]:
+    """Bands of windows along the first axis, for streaming: ``(first, stop, done, final)`` per band.
+
+    ``first_axis_starts``: the first-axis start of every window, in the (C) order of :func:`window_slices`,
+    so non-decreasing. Band ``i`` is the windows ``first:stop`` that start at row ``done`` (the i-th distinct
+    start). Once they are added, no later window touches a row below ``final`` (the next band's start, or
+    ``length`` after the last band): rows ``done:final`` are final.
+    """
+    bands: list[tuple[int, int, int, int]] = []
+    first, count = 0, len(first_axis_starts)
+    while first < count:
+        done = int(first_axis_starts[first])
+        stop = bisect.bisect_right(first_axis_starts, done, lo=first)
+        bands.append((first, stop, done, int(first_axis_starts[stop]) if stop < count else int(length)))
+        first = stop
+    return bands
+
+
+def _band_weights(
+    tiles: Sequence[tuple[slice, ...]],
+    first_axis_starts: Sequence[int],
+    rows: tuple[int, int],
+    plane: Sequence[int],
+    gaussian: torch.Tensor,
+) -> torch.Tensor:
+    """float32 ``[rows, *plane]``: :func:`summed_window_weights` restricted to rows ``rows[0]:rows[1]`` of the
+    first axis (``plane``: the other spatial axes of the padded image).
+
+    Only windows overlapping those rows add, in the same order as for the whole volume, so every value is
+    bit-identical to the whole-volume sum.
+    """
+    lo, hi = rows
+    depth = int(gaussian.shape[0])
+    weights = torch.zeros((hi - lo, *(int(n) for n in plane)), dtype=torch.float32, device=gaussian.device)
+    # windows are sorted by first-axis start: those touching [lo, hi) start in (lo - depth, hi)
+    for index in range(bisect.bisect_right(first_axis_starts, lo - depth), bisect.bisect_left(first_axis_starts, hi)):
+        tile = tiles[index]
+        top, bottom = max(tile[0].start, lo), min(tile[0].stop, hi)
+        weights[(slice(top - lo, bottom - lo), *tile[1:])] += gaussian[top - tile[0].start:bottom - tile[0].start]
+    return weights
+
+
+def iter_log_softmax_rows(
+    network: nn.Module,
+    data: torch.Tensor | np.ndarray,
+    patch_size: Sequence[int],
+    dims: int,
+    num_classes: int,
+    step_size: float = 0.5,
+    mirror: bool = True,
+    device: torch.device | str = "cpu",
+    batch_size: int = 2,
+    amp: torch.dtype | None = None,
+    sigma_scale: float = 1.0 / 8,
+    accumulator_dtype: torch.dtype = torch.float16,
+    block_bytes: int = 64 << 20,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:func:`sliding_window_predict` with ``log_softmax=True``, streamed along the first axis: yields
+    ``(start, stop, block)`` for consecutive rows of the unpadded image, ``block`` of ``accumulator_dtype``
+    ``[K, stop - start, Y, X]`` on the device it was accumulated on, equal to ``[:, start:stop]`` of the
+    whole-volume result.
+
+    How: the windows are added in the order of :func:`sliding_window_predict` (sorted by first-axis start),
+    band by band (:func:`first_axis_bands`), into a rolling buffer one patch deep; rows that no remaining
+    window touches are final and leave (log-softmax in float32, ``block_bytes`` of float32 at a time), the
+    rest move up. The network sees the same batches (``batch_size`` consecutive windows); a batch reaching
+    into the next band keeps those windows' logits until that band. Same arithmetic as the whole-volume
+    accumulator: each window is weighted by its Gaussian over the summed weights (computed per band,
+    bit-identical to the whole-volume sum), added in float32 and rounded once to ``accumulator_dtype``, in
+    the same order; so the rows are bit-identical to the whole-volume result where the log-softmax kernel
+    rounds alike (it did on every CPU we tried).
+
+    Memory, instead of ``[K, Z, Y, X]``: the buffer ``[K, patch depth, Y, X]`` of ``accumulator_dtype`` (2D: one
+    row), a float32 ``[patch depth, Y, X]`` of weights and one batch of window logits (float32
+    ``[batch_size, K, *patch]``). The input ``data`` (``[C, Z, Y, X]``) stays whole.
+    """
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    if data.ndim != 4:
+        raise ValueError(f"iter_log_softmax_rows expects [C, Z, Y, X], got shape {tuple(data.shape)}")
+    if dims not in (2, 3) or len(patch_size) != dims:
+        raise ValueError(f"patch {tuple(patch_size)} does not match dims={dims}")
+    device = torch.device(device)
+    window = tuple(int(p) for p in patch_size) if dims == 3 else (1, *(int(p) for p in patch_size))
+    padded, unpad = pad_to_patch(data.float(), window)
+    spatial = tuple(padded.shape[1:])
+    tiles = list(window_slices(compute_tile_starts(spatial, window, step_size), window))
+    starts = [int(tile[0].start) for tile in tiles]
+    bands = first_axis_bands(starts, spatial[0])
+    capacity = window[0]  # a band's windows cover rows done:done + depth; the next band starts at most there
+
+    buffer, acc_device = _allocate((num_classes, capacity, *spatial[1:]), device, accumulator_dtype)
+    gaussian = torch.from_numpy(gaussian_importance_map(window, sigma_scale)).to(acc_device)
+    limit = float(torch.finfo(accumulator_dtype).max) if accumulator_dtype.is_floating_point else None
+    floor = float(torch.finfo(accumulator_dtype).min)
+    out_rows, plane = unpad[1], (slice(None), slice(None), *unpad[2:])
+    row_bytes = 4 * num_classes * int(np.prod(padded.shape[2:]))
+    rows_per_block = max(1, int(block_bytes) // row_bytes)
+    pending: dict[int, torch.Tensor] = {}  # window index -> logits of a batch that reached past its band
+    for first, stop, done, final in bands:
+        weights = _band_weights(tiles, starts, (done, done + capacity), spatial[1:], gaussian)
+        for index in range(first, stop):
+            if index not in pending:  # the first window of the next batch (batches start at multiples of batch_size)
+                batch_tiles = tiles[index:index + batch_size]
+                batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles]).to(device, non_blocking=True)
+                if dims == 2:
+                    batch = batch[:, :, 0]
+                logits = _predict_windows(network, batch, mirror, amp)
+                if dims == 2:
+                    logits = logits[:, :, None]
+                if logits.shape[1] != num_classes or tuple(logits.shape[2:]) != window:
+                    raise ValueError(
+                        f"network returned {tuple(logits.shape)} for windows {window}; expected {num_classes} "
+                        "classes at the window size"
+                    )
+                pending.update(zip(range(index, index + len(batch_tiles)), logits.to(acc_device)))
+            tile, window_logits = tiles[index], pending.pop(index)
+            local = (slice(tile[0].start - done, tile[0].stop - done), *tile[1:])
+            target = buffer[(slice(None), *local)]
+            updated = target.float() + window_logits * (gaussian / weights[local])
+            if limit is not None:
+                updated = updated.clamp_(-limit, limit)
+            target.copy_(updated)
+        # rows done:final are final; of them, only those inside the unpadded image leave
+        for row in range(max(done, out_rows.start), min(final, out_rows.stop), rows_per_block):
+            last = min(row + rows_per_block, final, out_rows.stop)
+            block = buffer[:, row - done:last - done][plane]
+            yield (row - out_rows.start, last - out_rows.start,
+                   torch.log_softmax(block.float(), dim=0).clamp_(min=floor).to(accumulator_dtype))
+        shift = final - done
+        if shift < capacity:  # the rows still open move to the top of the buffer
+            buffer[:, :capacity - shift] = buffer[:, shift:].clone()
+        buffer[:, max(0, capacity - shift):] = 0
