@@ -71,7 +71,9 @@ def compute_tile_starts(
         size, patch = int(size), int(patch)
         if size < patch:
             raise ValueError(f"image shape {tuple(image_shape)} is smaller than patch {tuple(patch_size)}; pad first")
-        target_step = patch * step_size
+        # never less than one voxel: a 2D model's window is one slice deep, and half a slice rounded to whole
+        # starts visited every slice twice (0, 1, 1, 2, 2, ...), twice the network work for the same mean
+        target_step = max(patch * step_size, 1.0)
         n_windows = int(math.ceil((size - patch) / target_step)) + 1
         if n_windows == 1:
             starts.append([0])

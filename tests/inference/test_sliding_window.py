@@ -203,3 +203,10 @@ def test_float16_accumulator_close_to_float32() -> None:
     # the softmax output (computed slab by slab in float32) stays float16 and sums to one
     assert probabilities.dtype == torch.float16
     torch.testing.assert_close(probabilities.float().sum(0), torch.ones(8, 32, 32), atol=5e-3, rtol=0)
+
+
+def test_a_one_slice_window_visits_every_slice_once():
+    """2D models predict [C, Z, Y, X] with a window one slice deep: step 0.5 must not repeat slices."""
+    starts = compute_tile_starts((5, 40, 40), (1, 32, 32), 0.5)
+    assert starts[0] == [0, 1, 2, 3, 4]
+    assert starts[1] == starts[2] == [0, 8]
