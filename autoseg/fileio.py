@@ -114,6 +114,28 @@ def atomic_path(
         raise
 
 
+def remove_partial_files(folder: str | os.PathLike, targets: "list[str] | None" = None) -> int:
+    """Delete the temporary files a killed run left in ``folder`` (:func:`atomic_path` names them
+    ``.<target name>.<random>.partial<suffix>``): all of them, or only those of the ``targets`` (file names)
+    given. Returns how many were removed. Call it only while no other process writes those files: under the
+    stage's or fold's lock, or for targets this process is about to write itself."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    patterns = [".*.partial*"] if targets is None else [f".{glob_escape(name)}.*.partial*" for name in targets]
+    removed = 0
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped, so a case id like ``a[1]`` matches itself only."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any]) -> None:
     """Call ``writer(handle)`` on a binary temp file, then move it onto ``path``."""
     with atomic_path(path) as tmp:

@@ -69,3 +69,17 @@ def test_unwritable_folder_is_a_write_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(WriteError, match="not writable"):
         write_json(tmp_path / "out" / "x.json", {})
+
+
+def test_remove_partial_files_takes_all_or_only_the_named_targets(tmp_path):
+    from autoseg.fileio import remove_partial_files
+
+    for name in (".a[1].nii.gz.x1.partial.nii.gz", ".b.nii.gz.x2.partial.nii.gz", ".a1.nii.gz.x3.partial.nii.gz",
+                 "a[1].nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert remove_partial_files(tmp_path, ["a[1].nii.gz"]) == 1  # brackets are a name, not a glob class
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a1.nii.gz.x3.partial.nii.gz",
+                                                          ".b.nii.gz.x2.partial.nii.gz", "a[1].nii.gz"]
+    assert remove_partial_files(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a[1].nii.gz"]
+    assert remove_partial_files(tmp_path / "missing") == 0

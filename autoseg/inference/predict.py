@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, ImageReadError, PredictionError
+from autoseg.fileio import remove_partial_files
 from autoseg.inference.outputs import probabilities_file
 from autoseg.inference.predictor import DEFAULT_CHECKPOINT, Predictor
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_segmentation
@@ -236,11 +237,12 @@ def _export(
         )
     if postprocess:
         segmentation = predictor.postprocess(segmentation)
+    target = output / f"{case.case_id}{DICOM_SEG_ENDING if output_format == 'dicom-seg' else case.ending}"
+    # a killed earlier run may have left this case's temporary file; this job owns the case (--part), so clear it
+    remove_partial_files(output, [target.name, f"{case.case_id}.npz"])
     if output_format == "dicom-seg":
-        target = output / f"{case.case_id}{DICOM_SEG_ENDING}"
         write_dicom_seg(segmentation, geometry, case.files, predictor.plans.labels, target)
     else:
-        target = output / f"{case.case_id}{case.ending}"
         write_segmentation(segmentation, geometry, target)
     return target, time.perf_counter() - start
 

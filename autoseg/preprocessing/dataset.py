@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
+from autoseg.fileio import remove_partial_files
 from autoseg.planning.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.preprocessing.store import case_provenance, input_record, is_complete, json_digest, save_case
 from autoseg.workers import pool_initializer
@@ -124,18 +125,6 @@ def process_one(task: _Task) -> tuple[str, str | None]:
         files = ", ".join(Path(f).name for f in task.image_files)
         log.debug("case %s failed", task.case_id, exc_info=True)
         return task.case_id, f"{files}: {type(exc).__name__}: {exc}"
-
-
-def remove_partial_files(folder: Path) -> int:
-    """Delete temporary files a killed run left behind (``autoseg.fileio.atomic_path`` names them
-    ``.<name>.<random>.partial<suffix>``). Returns how many were removed. Only under the dataset's stage
-    lock: without it this would delete the files another run is still writing."""
-    removed = 0
-    if folder.is_dir():
-        for path in folder.glob(".*.partial*"):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 # ------------------------------------------------------------------------------------------ provenance

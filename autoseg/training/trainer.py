@@ -41,7 +41,7 @@ from autoseg.errors import (
     TrainingError,
     TrainingInterrupted,
 )
-from autoseg.fileio import atomic_path, read_json, write_json
+from autoseg.fileio import atomic_path, read_json, remove_partial_files, write_json
 from autoseg.locks import fold_lock
 from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
 from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans, validate_identifier
@@ -352,6 +352,9 @@ def train(
     with contextlib.ExitStack() as held:
         # one process per fold: rank 0 holds the lock for the whole run; the other ranks follow its verdict
         _on_main(context, torch_device, lambda: held.enter_context(fold_lock(output)))
+        # temporary files of a run killed mid-write (checkpoints, validation outputs): only this run writes here now
+        _on_main(context, torch_device,
+                 lambda: [remove_partial_files(folder) for folder in (output, output / "validation")])
         given = {"epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
                  "time_budget_s": parse_duration(time_budget), "seed": seed, "selfreg": selfreg,
                  "pretrained": str(pretrained) if pretrained is not None else None, "num_workers": num_workers}

@@ -413,3 +413,20 @@ def test_every_case_written_once_failures_reported_per_case(tmp_path: Path, iden
     # the network ran in the calling thread once per readable case; restores ran in the writer threads
     assert network_calls == [threading.current_thread().name] * 5
     assert threads and all(name.startswith("autoseg-write") for name in threads)
+
+
+def test_a_killed_runs_temporary_file_of_a_case_is_cleared_when_the_case_is_written(
+    tmp_path: Path, identity_preprocessing: None
+) -> None:
+    plans = make_plans(3, patch=(8, 16, 16), spacing=(2.0, 1.0, 1.0))
+    _write_known_image(tmp_path / "in" / "small_0000.nii.gz", (3, 7, 30), (2.0, 1.0, 1.0))
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / ".small.nii.gz.a81x.partial.nii.gz"  # this case's, from a run killed while writing it
+    other = out / ".other.nii.gz.q2.partial.nii.gz"  # another job's case (--part): not ours to delete
+    mine.write_bytes(b"half")
+    other.write_bytes(b"half")
+    report = predict(tmp_path / "in" / "small_0000.nii.gz", out, "unused", "3d_fullres",
+                     predictor=_predictor(plans, [ThresholdNetwork()]))
+    assert report.ok
+    assert not mine.exists() and other.exists()

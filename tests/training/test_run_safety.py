@@ -247,3 +247,15 @@ def test_sigterm_to_the_command_saves_and_exits_143(tiny):
                          "--continue`")
     metadata = load_checkpoint(fold_path(tiny) / "checkpoint_latest.pt")["metadata"]
     assert metadata["epoch"] >= 1 and json.loads((fold_path(tiny) / "run.json").read_text())["epochs"] == 1000
+
+
+def test_temporary_files_of_a_killed_run_are_cleared_under_the_fold_lock(tiny):
+    """kill -9 during a checkpoint write leaves `.checkpoint_latest.pt.<random>.partial.pt` behind for ever."""
+    folder = fold_path(tiny)
+    (folder / "validation").mkdir(parents=True)
+    leftovers = [folder / ".checkpoint_latest.pt.k3j9.partial.pt", folder / "validation" / ".case_000.nii.gz.x.partial.nii.gz"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    train(DATASET, "2d", 0, root=tiny, **SHORT, **FAST)
+    assert not any(path.exists() for path in leftovers)
+    assert not list(folder.rglob("*.partial*"))
