@@ -29,6 +29,7 @@ from autoseg.errors import AutosegError, ConfigurationError, ImageReadError, Pre
 from autoseg.fileio import remove_partial_files
 from autoseg.inference.outputs import probabilities_file
 from autoseg.inference.predictor import DEFAULT_CHECKPOINT, Predictor
+from autoseg.inference.streaming import RESULTS_RAM_BYTES
 from autoseg.io import SUPPORTED_ENDINGS, Geometry, file_ending, read_image, write_segmentation
 from autoseg.io.dicom import (
     DICOM_SEG_ENDING, find_dicom_series, is_dicom_file, read_dicom_series, require_dicom_seg_writer,
@@ -367,6 +368,10 @@ def predict(
             )
     if predictor.spill_directory is None:  # big network-grid results spill beside the outputs, not to a tmpfs /tmp
         predictor.spill_directory = output
+    # up to 2 * workers + 1 results are alive at once (one per pending write, one in the network): each gets
+    # its share of RESULTS_RAM_BYTES, above which it spills to disk
+    predictor.result_ram_bytes = min(predictor.result_ram_bytes,
+                                     RESULTS_RAM_BYTES // (2 * max(1, int(num_workers)) + 1))
     # the model's channel count decides how files are named (find_input_cases), so cases are found after it loads
     cases = select_part(find_input_cases(input, num_channels=predictor.plans.num_channels), int(part), int(parts))
     if output_format == "dicom-seg":

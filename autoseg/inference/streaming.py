@@ -26,10 +26,12 @@ from torch import nn
 
 from autoseg.inference.sliding_window import iter_log_softmax_rows
 
-# the largest result kept in RAM. autoseg predict holds up to 2 * -np + 1 results at once (network, waiting
-# writers), so 2 GiB each keeps the default -np 2 within 10 GiB of results, and a 50-class CT of any size
-# spills instead of needing 15.7 GB
+# the largest result kept in RAM by one prediction; a 50-class CT of any size spills instead of needing 15.7 GB
 RESULT_RAM_BYTES = 2 << 30
+# all results autoseg predict holds in RAM at once (up to 2 * -np + 1 of them: the network's, the writers'
+# queue): it lowers each result's limit to its share, so with the band buffer and the restore slabs a run
+# stays within the 8 GB a 24 GB workstation can give one stage (-np 2: 5 results of at most 0.8 GiB each)
+RESULTS_RAM_BYTES = 4 << 30
 
 
 def _close_and_remove(handle: Any, path: str | None) -> None:

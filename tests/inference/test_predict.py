@@ -430,3 +430,16 @@ def test_a_killed_runs_temporary_file_of_a_case_is_cleared_when_the_case_is_writ
                      predictor=_predictor(plans, [ThresholdNetwork()]))
     assert report.ok
     assert not mine.exists() and other.exists()
+
+
+def test_results_held_at_once_share_one_ram_budget(tmp_path: Path, identity_preprocessing: None) -> None:
+    """With -np N up to 2N + 1 network-grid results are alive; together they stay within RESULTS_RAM_BYTES."""
+    from autoseg.inference.streaming import RESULT_RAM_BYTES, RESULTS_RAM_BYTES
+
+    plans = make_plans(3, patch=(8, 16, 16), spacing=(2.0, 1.0, 1.0))
+    _write_known_image(tmp_path / "in" / "small_0000.nii.gz", (3, 7, 30), (2.0, 1.0, 1.0))
+    predictor = _predictor(plans, [ThresholdNetwork()])
+    assert predictor.result_ram_bytes == RESULT_RAM_BYTES
+    assert predict(tmp_path / "in", tmp_path / "out", predictor=predictor, num_workers=3).ok
+    assert predictor.result_ram_bytes == RESULTS_RAM_BYTES // 7
+    assert (2 * 3 + 1) * predictor.result_ram_bytes <= RESULTS_RAM_BYTES
