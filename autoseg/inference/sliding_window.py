@@ -201,6 +201,26 @@ def map_slabs(
     return array
 
 
+def prepare_windows(
+    data: torch.Tensor | np.ndarray, patch_size: Sequence[int], dims: int, step_size: float, caller: str
+) -> tuple[torch.Tensor, tuple[slice, ...], tuple[int, ...], list[tuple[slice, ...]]]:
+    """``(padded float32 [C, Z', Y', X'], unpad slices, 3D window, window slices)`` for a whole-image pass.
+
+    A 2D network sees windows of one slice: its patch becomes a 3D window of depth 1, squeezed before the
+    forward. ``caller`` names the function in the error for input that is not ``[C, Z, Y, X]``.
+    """
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    if data.ndim != 4:
+        raise ValueError(f"{caller} expects [C, Z, Y, X], got shape {tuple(data.shape)}")
+    if dims not in (2, 3) or len(patch_size) != dims:
+        raise ValueError(f"patch {tuple(patch_size)} does not match dims={dims}")
+    window = tuple(int(p) for p in patch_size) if dims == 3 else (1, *(int(p) for p in patch_size))
+    padded, unpad = pad_to_patch(data.float(), window)
+    tiles = list(window_slices(compute_tile_starts(tuple(padded.shape[1:]), window, step_size), window))
+    return padded, unpad, window, tiles
+
+
 def sliding_window_predict(
     network: nn.Module,
     data: torch.Tensor | np.ndarray,
@@ -239,18 +259,9 @@ def sliding_window_predict(
     the overlap. Each window adds in float32 and rounds once to float16 (relative 2**-11); the result differs from
     a float32 accumulator by about 1e-3 of the largest logit (tests/inference/test_sliding_window.py).
     """
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-    if data.ndim != 4:
-        raise ValueError(f"sliding_window_predict expects [C, Z, Y, X], got shape {tuple(data.shape)}")
-    if dims not in (2, 3) or len(patch_size) != dims:
-        raise ValueError(f"patch {tuple(patch_size)} does not match dims={dims}")
     device = torch.device(device)
-    # a 2D network sees windows of one slice: treat it as a 3D window of depth 1, squeezed before the forward
-    window = tuple(int(p) for p in patch_size) if dims == 3 else (1, *(int(p) for p in patch_size))
-    padded, unpad = pad_to_patch(data.float(), window)
+    padded, unpad, window, tiles = prepare_windows(data, patch_size, dims, step_size, "sliding_window_predict")
     spatial = tuple(padded.shape[1:])
-    tiles = list(window_slices(compute_tile_starts(spatial, window, step_size), window))
 
     accumulated, acc_device = _allocate((num_classes, *spatial), device, accumulator_dtype)
     gaussian = torch.from_numpy(gaussian_importance_map(window, sigma_scale)).to(acc_device)
@@ -371,17 +382,9 @@ def iter_log_softmax_rows(
     row), a float32 ``[patch depth, Y, X]`` of weights and one batch of window logits (float32
     ``[batch_size, K, *patch]``). The input ``data`` (``[C, Z, Y, X]``) stays whole.
     """
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-    if data.ndim != 4:
-        raise ValueError(f"iter_log_softmax_rows expects [C, Z, Y, X], got shape {tuple(data.shape)}")
-    if dims not in (2, 3) or len(patch_size) != dims:
-        raise ValueError(f"patch {tuple(patch_size)} does not match dims={dims}")
     device = torch.device(device)
-    window = tuple(int(p) for p in patch_size) if dims == 3 else (1, *(int(p) for p in patch_size))
-    padded, unpad = pad_to_patch(data.float(), window)
+    padded, unpad, window, tiles = prepare_windows(data, patch_size, dims, step_size, "iter_log_softmax_rows")
     spatial = tuple(padded.shape[1:])
-    tiles = list(window_slices(compute_tile_starts(spatial, window, step_size), window))
     starts = [int(tile[0].start) for tile in tiles]
     bands = first_axis_bands(starts, spatial[0])
     capacity = window[0]  # a band's windows cover rows done:done + depth; the next band starts at most there
