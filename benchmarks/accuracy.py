@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from autoseg import __version__
     from autoseg.dataset import load_dataset_spec
     from autoseg.paths import data_root, fold_folder, resolve_dataset
-    from autoseg.planning.plans import load_plans
+    from autoseg.contracts.plans import load_plans
 
     budget_s = parse_budget(args.budget)
     root = data_root(args.root)

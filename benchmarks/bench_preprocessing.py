@@ -64,7 +64,7 @@ def make_dataset(work: Path) -> Path:
 
 def write_our_plans(work: Path, raw: Path) -> None:
     """Our plans.json from nnU-Net's oracle plan, so both tools resample to the same grid."""
-    from autoseg.planning.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling, save_plans
+    from autoseg.contracts.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling, save_plans
 
     oracle = json.loads((ORACLE / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((raw / "dataset.json").read_text())

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from autoseg.paths import resolve_dataset
-from autoseg.planning.plans import PLANS_FILE, load_plans
+from autoseg.contracts.plans import PLANS_FILE, load_plans
 from autoseg.training import budget as budget_module
 from autoseg.training.trainer import _train_step, build_network
 

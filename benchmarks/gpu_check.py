@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes.append(f"fingerprint + plan in {format_seconds(time.perf_counter() - start)}; configurations in "
                  f"plans: {', '.join(configurations) or 'none'}")
     from autoseg import networks
-    from autoseg.planning.plans import save_plans
+    from autoseg.contracts.plans import save_plans
 
     if plans is not None:
         save_plans(plans, args.work / "plans.json")

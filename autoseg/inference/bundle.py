@@ -38,7 +38,7 @@ import torch
 from autoseg.errors import CheckpointError
 from autoseg.fileio import atomic_path
 from autoseg.inference.predictor import configuration_from_json
-from autoseg.planning.plans import Configuration, Plans
+from autoseg.contracts.plans import Configuration, Plans
 
 log = logging.getLogger(__name__)
 

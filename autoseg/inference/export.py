@@ -41,7 +41,7 @@ from autoseg.inference.predictor import (
     model_folder,
 )
 from autoseg.inference.sliding_window import mirror_axis_sets
-from autoseg.planning.plans import Configuration, Plans
+from autoseg.contracts.plans import Configuration, Plans
 
 log = logging.getLogger(__name__)
 

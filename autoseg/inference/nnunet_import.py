@@ -6,7 +6,7 @@ An nnU-Net v2 results folder ``<Trainer>__<Plans>__<configuration>/`` holds ``pl
 so importing is bookkeeping, not conversion:
 
 1. **Plans.** The configuration's entry of nnU-Net's plans.json (``inherits_from`` resolved) becomes our
-   :class:`~autoseg.planning.plans.Configuration`: ``spacing`` -> ``target_spacing``, ``patch_size``,
+   :class:`~autoseg.contracts.plans.Configuration`: ``spacing`` -> ``target_spacing``, ``patch_size``,
    ``normalization_schemes`` (``CTNormalization`` -> ``ct`` with the dataset's
    ``foreground_intensity_properties_per_channel`` as :class:`IntensityStats`; ``ZScoreNormalization`` ->
    ``zscore`` with ``use_mask_for_norm``), the resampling orders and ``force_separate_z`` (None: decided per
@@ -68,7 +68,7 @@ from autoseg import __version__
 from autoseg.errors import CheckpointError, ConfigurationError
 from autoseg.fileio import read_json
 from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
-from autoseg.planning.plans import (
+from autoseg.contracts.plans import (
     NORM_CT,
     NORM_ZSCORE,
     ArchitectureSpec,

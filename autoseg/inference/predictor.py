@@ -29,7 +29,7 @@ from autoseg.device import choose_device, inference_amp_dtype
 from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
 from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
-from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
+from autoseg.contracts.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
 from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from autoseg.planning.fingerprint import (
     save_fingerprint,
 )
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.planning.plans import PLANS_FILE, Plans, load_plans, save_plans
+from autoseg.contracts.plans import PLANS_FILE, Plans, load_plans, save_plans
 from autoseg.planning.presets import get_preset, preset_memory
 from autoseg.planning.splits import create_splits, fold_cases, load_splits
 

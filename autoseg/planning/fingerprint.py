@@ -33,7 +33,7 @@ from autoseg.dataset import Case, DatasetSpec, list_training_cases, load_dataset
 from autoseg.errors import DatasetError
 from autoseg.fileio import read_json, write_json
 from autoseg.io import read_image, read_segmentation
-from autoseg.planning.plans import IntensityStats
+from autoseg.contracts.plans import IntensityStats
 from autoseg.workers import pool_initializer
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import numpy as np
 from autoseg.errors import ConfigurationError
 from autoseg.planning.fingerprint import Fingerprint
 from autoseg.planning.memory import batch_size_for_budget, memory_budget_bytes, memory_components
-from autoseg.planning.plans import (
+from autoseg.contracts.plans import (
     NORM_CT,
     NORM_NONE,
     NORM_RESCALE,

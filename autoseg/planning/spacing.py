@@ -28,17 +28,6 @@ def is_anisotropic(spacing: Sequence[float], threshold: float = ANISOTROPY_THRES
     return bool(values.max() / values.min() > threshold)
 
 
-def inverse_permutation(order: Sequence[int]) -> list[int]:
-    """The permutation that undoes ``order``: ``values[order][inverse] == values`` (e.g. [2, 0, 1] -> [1, 2, 0])."""
-    order = [int(a) for a in order]
-    if sorted(order) != list(range(len(order))):
-        raise ValueError(f"{order} is not a permutation of the axes 0..{len(order) - 1}")
-    inverse = [0] * len(order)
-    for position, axis in enumerate(order):
-        inverse[axis] = position
-    return inverse
-
-
 def coarse_axis_first(median_spacing: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD) -> list[int]:
     """Axis order ``[dims]`` (a permutation of array axes) that moves the coarse axis of 3D data to the front.
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from autoseg.errors import ConfigurationError, DatasetError
 from autoseg.io import Geometry
-from autoseg.planning.plans import Configuration, Plans
+from autoseg.contracts.plans import Configuration, Plans
 from autoseg.preprocessing.cropping import bounding_box, crop_to_box, nonzero_mask, uncrop
 from autoseg.preprocessing.normalization import normalize_channel
 from autoseg.preprocessing.resampling import (

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
 from autoseg.fileio import remove_partial_files
-from autoseg.planning.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.contracts.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.preprocessing.store import case_provenance, input_record, is_complete, json_digest, save_case
 from autoseg.workers import pool_initializer
 

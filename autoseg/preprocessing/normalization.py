@@ -1,4 +1,4 @@
-"""Intensity normalisation per channel, one pure function per scheme of ``autoseg.planning.plans``.
+"""Intensity normalisation per channel, one pure function per scheme of ``autoseg.contracts.plans``.
 
 Every function takes one channel (any spatial shape), returns a new float32 array of the same shape and
 never modifies its input. Schemes follow the reference method (reference/nnunet.md "Normalisation"):
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from autoseg.errors import ConfigurationError
-from autoseg.planning.plans import (
+from autoseg.contracts.plans import (
     NORM_CT,
     NORM_NONE,
     NORM_RESCALE,

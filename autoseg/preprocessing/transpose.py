@@ -15,7 +15,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from autoseg.io import Geometry
-from autoseg.planning.spacing import inverse_permutation
+from autoseg.contracts.plans import inverse_permutation
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """What a small ``--time-budget`` should buy: adapt the plan's network to the budget (issue 11 item 4).
 
-Pure functions over :class:`~autoseg.planning.plans.Configuration`; the trainer applies
+Pure functions over :class:`~autoseg.contracts.plans.Configuration`; the trainer applies
 :func:`adapt_to_budget` once at start, stores the adapted configuration in the checkpoint metadata (inference
 builds its network from there) and logs the reasons. Nothing here switches on an architecture name: the
 width of any network is its ``features`` list, scaled as a whole.
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from autoseg.device import cpu_supports_bf16
-from autoseg.planning.plans import Configuration
+from autoseg.contracts.plans import Configuration
 
 MIN_FEATURES = 4  # narrower stages than this stop being a network (InstanceNorm over 1-3 channels)
 

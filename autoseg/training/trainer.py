@@ -44,7 +44,7 @@ from autoseg.errors import (
 from autoseg.fileio import atomic_path, read_json, remove_partial_files, write_json
 from autoseg.locks import fold_lock
 from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
-from autoseg.planning.plans import PLANS_FILE, Configuration, Plans, load_plans, validate_identifier
+from autoseg.contracts.plans import PLANS_FILE, Configuration, Plans, load_plans, validate_identifier
 from autoseg.preprocessing.store import list_stored_cases
 from autoseg.training import distributed
 from autoseg.training.budget import BudgetChoice, adapt_to_budget, training_threads

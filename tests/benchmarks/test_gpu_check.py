@@ -12,7 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as top-level modules (python benchmarks/x.py)
 
 import gpu_check  # noqa: E402
-from autoseg.planning.plans import load_plans  # noqa: E402
+from autoseg.contracts.plans import load_plans  # noqa: E402
 
 
 @pytest.fixture(scope="module")

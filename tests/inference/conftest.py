@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from autoseg.io import Geometry
-from autoseg.planning.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling
+from autoseg.contracts.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling
 from autoseg.preprocessing.store import CaseProperties
 
 LABELS = {"background": 0, "object": 1, "satellite": 2}

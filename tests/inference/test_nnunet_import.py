@@ -23,7 +23,7 @@ from autoseg.inference.nnunet_import import (
     read_nnunet_model,
 )
 from autoseg.inference.predictor import Predictor
-from autoseg.planning.plans import NORM_CT, NORM_ZSCORE
+from autoseg.contracts.plans import NORM_CT, NORM_ZSCORE
 
 FEATURES = [4, 8, 16]
 TOPOLOGY = {

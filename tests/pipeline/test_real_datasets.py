@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.cli import main
-from autoseg.planning.plans import load_plans
+from autoseg.contracts.plans import load_plans
 
 DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.io import read_image, read_segmentation
-from autoseg.planning.plans import load_plans
+from autoseg.contracts.plans import load_plans
 from autoseg.preprocessing import load_case, preprocess_case, restore_segmentation
 from autoseg.preprocessing.case import preprocess_label
 

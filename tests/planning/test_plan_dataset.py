@@ -5,7 +5,7 @@ import pytest
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.errors import DatasetError
 from autoseg.planning import plan_dataset
-from autoseg.planning.plans import load_plans
+from autoseg.contracts.plans import load_plans
 
 
 def make_raw(root, name="Dataset903_Plan", **kwargs):

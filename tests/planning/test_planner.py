@@ -12,7 +12,7 @@ from autoseg.planning.planner import (
     normalization_scheme,
     plan_from_fingerprint,
 )
-from autoseg.planning.plans import Plans
+from autoseg.contracts.plans import Plans
 
 from tests.planning.helpers import crafted_fingerprint, uniform
 
@@ -154,7 +154,7 @@ def test_unknown_configuration_and_architecture_are_user_errors():
 
 
 def test_plans_round_trip_through_json_and_table_lists_every_configuration(tmp_path):
-    from autoseg.planning.plans import load_plans, save_plans
+    from autoseg.contracts.plans import load_plans, save_plans
 
     fp = crafted_fingerprint(*uniform(6, (1.0, 1.0, 1.0), (32, 32, 32)))
     plans = plan_unet(fp)

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from autoseg.errors import ConfigurationError
-from autoseg.planning.plans import Plans, load_plans, save_plans
+from autoseg.contracts.plans import Plans, load_plans, save_plans
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.planning.spacing import coarse_axis_first, inverse_permutation
+from autoseg.contracts.plans import inverse_permutation
+from autoseg.planning.spacing import coarse_axis_first
 from tests.planning.helpers import crafted_fingerprint, uniform
 
 CONFIGS = ["2d", "3d_fullres"]

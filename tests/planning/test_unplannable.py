@@ -11,7 +11,7 @@ from torch import nn
 from autoseg.errors import ConfigurationError
 from autoseg.networks import registry
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.planning.plans import Plans
+from autoseg.contracts.plans import Plans
 
 from tests.planning.helpers import crafted_fingerprint, uniform
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.dataset.synthetic import LABELS, SyntheticSpec, generate
-from autoseg.planning.plans import (
+from autoseg.contracts.plans import (
     ArchitectureSpec,
     Configuration,
     IntensityStats,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from autoseg.errors import ConfigurationError
-from autoseg.planning.plans import IntensityStats
+from autoseg.contracts.plans import IntensityStats
 from autoseg.preprocessing.normalization import normalize_channel
 
 

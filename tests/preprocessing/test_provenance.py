@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from autoseg.cli import main
 from autoseg.dataset.synthetic import SyntheticSpec
-from autoseg.planning.plans import save_plans
+from autoseg.contracts.plans import save_plans
 from autoseg.preprocessing import is_complete, load_case, preprocess_dataset
 from autoseg.preprocessing.dataset import plan_digest
 from autoseg.preprocessing.store import case_provenance, input_record

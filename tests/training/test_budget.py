@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from autoseg.planning.plans import ArchitectureSpec, Configuration, Resampling
+from autoseg.contracts.plans import ArchitectureSpec, Configuration, Resampling
 from autoseg.training import train
 from autoseg.training.budget import (
     CPU_MAX_BATCH,

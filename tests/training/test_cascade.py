@@ -12,7 +12,7 @@ from scipy import ndimage
 from autoseg.errors import ConfigurationError, DatasetError
 from autoseg.io import Geometry, read_segmentation, write_segmentation
 from autoseg.paths import resolve_dataset
-from autoseg.planning.plans import Plans, Resampling, load_plans, save_plans
+from autoseg.contracts.plans import Plans, Resampling, load_plans, save_plans
 from autoseg.preprocessing.case import preprocess_case, preprocess_label
 from autoseg.training.augmentation import PreviousStageToData, RandomBinaryOperators, RemoveRandomComponent
 from autoseg.preprocessing.store import load_case

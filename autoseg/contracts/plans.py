@@ -15,11 +15,10 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from autoseg.errors import ConfigurationError
 from autoseg.fileio import read_json, write_json
-from autoseg.planning.spacing import inverse_permutation
 
 PLANS_SCHEMA_VERSION = 1
 PLANS_FILE = "plans.json"
@@ -63,6 +62,20 @@ def validate_plans_identifiers(plans: "Plans", source: str | os.PathLike) -> Non
             validate_identifier(config.previous_stage, f"{where}.previous_stage", source)
     for name in plans.default_configurations:
         validate_identifier(name, "default_configurations entry", source)
+
+
+# --------------------------------------------------------------------------------- axis transposition
+# The plan's transpose_forward/transpose_backward are each other's inverse; preprocessing and restoring undo
+# one with the other, so the inverse belongs to the plan's contract rather than to the planner's rules.
+def inverse_permutation(order: Sequence[int]) -> list[int]:
+    """The permutation that undoes ``order``: ``values[order][inverse] == values`` (e.g. [2, 0, 1] -> [1, 2, 0])."""
+    order = [int(a) for a in order]
+    if sorted(order) != list(range(len(order))):
+        raise ValueError(f"{order} is not a permutation of the axes 0..{len(order) - 1}")
+    inverse = [0] * len(order)
+    for position, axis in enumerate(order):
+        inverse[axis] = position
+    return inverse
 
 
 @dataclass
