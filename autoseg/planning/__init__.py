@@ -12,29 +12,20 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from autoseg.contracts.fingerprint import FINGERPRINT_FILE, save_fingerprint
+from autoseg.contracts.plans import PLANS_FILE, Plans, save_plans
 from autoseg.errors import DatasetError, PreprocessingError
-from autoseg.planning.fingerprint import (
-    FINGERPRINT_FILE,
-    Fingerprint,
-    extract_fingerprint,
-    load_fingerprint,
-    save_fingerprint,
-)
+from autoseg.planning.fingerprint import extract_fingerprint
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.contracts.plans import PLANS_FILE, Plans, load_plans, save_plans
 from autoseg.planning.presets import get_preset, preset_memory
 from autoseg.planning.splits import create_splits, fold_cases, load_splits
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Fingerprint",
-    "Plans",
     "extract_fingerprint",
     "fold_cases",
     "format_plans_table",
-    "load_fingerprint",
-    "load_plans",
     "load_splits",
     "plan_dataset",
     "plan_from_fingerprint",

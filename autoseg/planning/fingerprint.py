@@ -13,6 +13,9 @@ Facts behind the choices (nnU-Net v2's published method, its fingerprint):
   (design.md section 2), seeded by the case's position in the sorted case list: the same dataset gives the
   same ``fingerprint.json`` byte for byte, whatever the number of workers.
 
+The measuring lives here; the dataclasses and the file (`fingerprint.json`) are the contract in
+:mod:`autoseg.contracts.fingerprint`, which preprocessing reads without importing planning.
+
 Shapes and spacings are in array axis order ``(Z, Y, X)`` for 3D images and ``(Y, X)`` for 2D images.
 """
 from __future__ import annotations
@@ -21,116 +24,24 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 from tqdm import tqdm
 
+from autoseg.contracts.fingerprint import SAMPLES_PER_CASE, CaseFingerprint, Fingerprint
+from autoseg.contracts.plans import IntensityStats
 from autoseg.dataset import Case, DatasetSpec, list_training_cases, load_dataset_spec
 from autoseg.errors import DatasetError
-from autoseg.fileio import read_json, write_json
 from autoseg.io import read_image, read_segmentation
-from autoseg.contracts.plans import IntensityStats
 from autoseg.workers import pool_initializer
 
 logger = logging.getLogger(__name__)
 
-FINGERPRINT_SCHEMA_VERSION = 1
-FINGERPRINT_FILE = "fingerprint.json"
-SAMPLES_PER_CASE = 10_000  # design.md section 2; nnU-Net uses ~1e8 / num_cases (see module docstring)
 SAMPLING_SEED = 1234  # any fixed number: only determinism matters
-
-
-@dataclass
-class CaseFingerprint:
-    """One case. ``intensity_stats`` per channel index (as string) over *all* foreground voxels of the case;
-    ``label_voxels`` per label value (as string): voxel counts in the original grid."""
-
-    case_id: str
-    spacing: list[float]
-    shape_before_crop: list[int]
-    shape_after_crop: list[int]
-    relative_size_after_crop: float  # voxels after crop / voxels before crop
-    intensity_stats: dict[str, IntensityStats]
-    label_voxels: dict[str, int]
-
-
-@dataclass
-class Fingerprint:
-    """The whole dataset (written as ``fingerprint.json``). Per-axis lists are in array axis order."""
-
-    dataset_name: str
-    channel_names: dict[str, str]
-    labels: dict[str, int]
-    file_ending: str
-    cases: list[CaseFingerprint]
-    intensity_stats: dict[str, IntensityStats]  # per channel, over the pooled foreground samples
-    median_spacing: list[float]
-    spacing_percentile_10: list[float]
-    spacing_percentile_90: list[float]
-    median_shape_after_crop: list[float]
-    median_relative_size_after_crop: float
-    label_volume_median_mm3: dict[str, float]  # per label value: median over cases of the volume in mm^3
-    samples_per_case: int = SAMPLES_PER_CASE
-    schema_version: int = FINGERPRINT_SCHEMA_VERSION
-
-    @property
-    def num_cases(self) -> int:
-        return len(self.cases)
-
-    @property
-    def dims(self) -> int:
-        """Image dimensionality: 2 for 2D images (PNG, 2D NIfTI), 3 for volumes."""
-        return len(self.cases[0].spacing)
-
-    @property
-    def case_ids(self) -> list[str]:
-        return [c.case_id for c in self.cases]
-
-    @property
-    def spacings(self) -> np.ndarray:
-        """``[num_cases, dims]`` float64, mm."""
-        return np.array([c.spacing for c in self.cases], dtype=np.float64)
-
-    @property
-    def shapes_after_crop(self) -> np.ndarray:
-        """``[num_cases, dims]`` float64, voxels."""
-        return np.array([c.shape_after_crop for c in self.cases], dtype=np.float64)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Fingerprint":
-        if data.get("schema_version") != FINGERPRINT_SCHEMA_VERSION:
-            raise DatasetError(
-                f"fingerprint schema version {data.get('schema_version')!r} is not {FINGERPRINT_SCHEMA_VERSION}; "
-                "re-run `autoseg plan`"
-            )
-        fields = dict(data)
-        fields["cases"] = [
-            CaseFingerprint(**{**c, "intensity_stats": {k: IntensityStats(**v) for k, v in c["intensity_stats"].items()}})
-            for c in data["cases"]
-        ]
-        fields["intensity_stats"] = {k: IntensityStats(**v) for k, v in data["intensity_stats"].items()}
-        return cls(**fields)
-
-
-def save_fingerprint(fingerprint: Fingerprint, path: str | os.PathLike) -> None:
-    write_json(path, fingerprint.to_json())
-
-
-def load_fingerprint(path: str | os.PathLike) -> Fingerprint:
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no fingerprint found; run `autoseg plan {path.parent.name}` first")
-    try:
-        return Fingerprint.from_json(read_json(path))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a valid autoseg fingerprint ({exc}); re-run `autoseg plan`") from exc
 
 
 # ------------------------------------------------------------------------------------------- numerics

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from autoseg.errors import ConfigurationError
-from autoseg.planning.fingerprint import Fingerprint
+from autoseg.contracts.fingerprint import Fingerprint
 from autoseg.planning.memory import batch_size_for_budget, memory_budget_bytes, memory_components
 from autoseg.contracts.plans import (
     NORM_CT,

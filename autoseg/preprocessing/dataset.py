@@ -233,7 +233,7 @@ def workers_for_memory(max_workers: int, available_bytes: int | None, case_bytes
 
 def _auto_workers(preprocessed: Path, configuration: Configuration, num_channels: int) -> int:
     """The pool size for one configuration when the caller left it open (see the module docstring)."""
-    from autoseg.planning.fingerprint import FINGERPRINT_FILE, load_fingerprint
+    from autoseg.contracts.fingerprint import FINGERPRINT_FILE, load_fingerprint
 
     max_workers = min(MAX_AUTO_WORKERS, os.cpu_count() or 1)
     fingerprint_file = preprocessed / FINGERPRINT_FILE

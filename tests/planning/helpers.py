@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autoseg.planning.fingerprint import CaseFingerprint, Fingerprint
+from autoseg.contracts.fingerprint import CaseFingerprint, Fingerprint
 from autoseg.contracts.plans import IntensityStats
 
 STATS = IntensityStats(mean=100.0, std=20.0, median=100.0, min=0.0, max=200.0, percentile_00_5=50.0,

@@ -1,14 +1,13 @@
 import numpy as np
 import pytest
 
+from autoseg.contracts.fingerprint import load_fingerprint, save_fingerprint
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.planning.fingerprint import (
     extract_fingerprint,
     intensity_statistics,
-    load_fingerprint,
     nonzero_bounding_box,
     sample_foreground,
-    save_fingerprint,
 )
 
 

@@ -167,12 +167,12 @@ def test_auto_workers_logs_the_choice(tmp_path, caplog, monkeypatch) -> None:
     import logging
 
     import autoseg.preprocessing.dataset as dataset_module
-    from autoseg.planning.fingerprint import FINGERPRINT_FILE
+    from autoseg.contracts.fingerprint import FINGERPRINT_FILE
 
     _, plans, folder = _setup(tmp_path)
     fingerprint = {"cases": [{"shape_before_crop": [16, 48, 48], "shape_after_crop": [16, 40, 40]}],
                    "median_spacing": [2.5, 0.8, 0.8]}
-    monkeypatch.setattr("autoseg.planning.fingerprint.load_fingerprint", lambda path: _Fingerprint(**fingerprint))
+    monkeypatch.setattr("autoseg.contracts.fingerprint.load_fingerprint", lambda path: _Fingerprint(**fingerprint))
     (folder.parent / FINGERPRINT_FILE).write_text("{}")
     monkeypatch.setattr(dataset_module, "available_memory_bytes", lambda: 18_300_000_000)
     configuration = plans.configuration("3d_fullres")
