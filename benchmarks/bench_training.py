@@ -136,7 +136,8 @@ from autoseg.contracts.plans import load_plans
 from autoseg.training.augmentation import augmentation_settings, sample_size_for, training_transforms
 from autoseg.training.data import PatchSampler
 from autoseg.training.loader import BatchLoader
-from autoseg.training.trainer import build_network, fold_cases
+from autoseg.contracts.splits import fold_cases
+from autoseg.training.trainer import build_network
 preprocessed, batches = sys.argv[1], int(sys.argv[2])
 from pathlib import Path
 plans = load_plans(Path(preprocessed) / "plans.json")

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoseg.dataset.cases import IMAGES_TEST, list_image_cases, list_training_cases
     from autoseg.inference.predictor import Predictor, model_folder
     from autoseg.paths import resolve_dataset
-    from autoseg.planning.splits import fold_cases
+    from autoseg.contracts.splits import fold_cases
 
     location = resolve_dataset(args.dataset, args.root)
     spec = load_dataset_spec(location.raw)

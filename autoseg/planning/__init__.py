@@ -18,15 +18,13 @@ from autoseg.errors import DatasetError, PreprocessingError
 from autoseg.planning.fingerprint import extract_fingerprint
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
 from autoseg.planning.presets import get_preset, preset_memory
-from autoseg.planning.splits import create_splits, fold_cases, load_splits
+from autoseg.planning.splits import create_splits
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "extract_fingerprint",
-    "fold_cases",
     "format_plans_table",
-    "load_splits",
     "plan_dataset",
     "plan_from_fingerprint",
 ]

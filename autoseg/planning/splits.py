@@ -8,6 +8,9 @@ This is the KFold(5, shuffle=True, random_state=12345) procedure nnU-Net uses, s
 
 With fewer than 5 cases there are not enough cases for 5 folds: we make ``n`` leave-one-out folds and say so;
 fold ``"all"`` (train and validate on every case) is always available.
+
+Creating the folds lives here; reading them (``load_splits``, ``fold_cases``, the fold-name parser) is the
+contract in :mod:`autoseg.contracts.splits`, which training reads without importing planning.
 """
 from __future__ import annotations
 
@@ -18,15 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
+from autoseg.contracts.splits import ALL_FOLD, SPLITS_FILE, load_splits
 from autoseg.errors import ConfigurationError
-from autoseg.fileio import read_json, write_json
+from autoseg.fileio import write_json
 
 logger = logging.getLogger(__name__)
 
-SPLITS_FILE = "splits.json"
 NUM_FOLDS = 5  # design.md section 2
 SPLIT_SEED = 12345  # nnU-Net's seed (design.md: "5 folds from a seeded KFold")
-ALL_FOLD = "all"
 
 
 def make_splits(case_ids: Sequence[str], num_folds: int = NUM_FOLDS, seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
@@ -84,42 +86,3 @@ def create_splits(preprocessed_dir: str | os.PathLike, case_ids: Sequence[str]) 
         logger.warning(few_cases_message(len(case_ids), path))
     write_json(path, splits)
     return splits
-
-
-def load_splits(preprocessed_dir: str | os.PathLike) -> list[dict[str, list[str]]]:
-    """The folds in ``<preprocessed_dir>/splits.json`` (``[{"train": [...], "val": [...]}, ...]``)."""
-    path = Path(preprocessed_dir) / SPLITS_FILE
-    if not path.is_file():
-        raise ConfigurationError(f"{path}: no splits found; run `autoseg plan {Path(preprocessed_dir).name}` first")
-    try:
-        data = read_json(path)
-    except ValueError as exc:
-        raise ConfigurationError(f"{path}: not valid JSON ({exc}); fix it or delete it and re-run `autoseg plan`") from exc
-    valid = isinstance(data, list) and data and all(
-        isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list) for f in data
-    )
-    if not valid:
-        raise ConfigurationError(
-            f"{path}: expected a list of {{\"train\": [...], \"val\": [...]}} folds, found {type(data).__name__}; "
-            "fix it or delete it and re-run `autoseg plan`"
-        )
-    return [{"train": [str(c) for c in f["train"]], "val": [str(c) for c in f["val"]]} for f in data]
-
-
-def fold_cases(preprocessed_dir: str | os.PathLike, fold: int | str) -> tuple[list[str], list[str]]:
-    """``(train_ids, val_ids)`` of ``fold`` (0-based index or ``"all"``: every case for both)."""
-    splits = load_splits(preprocessed_dir)
-    if str(fold) == ALL_FOLD:
-        every = sorted({c for f in splits for c in f["train"] + f["val"]})
-        return every, list(every)
-    try:
-        index = int(fold)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"fold {fold!r} is not a number or '{ALL_FOLD}'") from None
-    if not 0 <= index < len(splits):
-        path = Path(preprocessed_dir) / SPLITS_FILE
-        raise ConfigurationError(
-            f"{path}: has {len(splits)} fold(s) (0-{len(splits) - 1}), not fold {index}; "
-            f"pick one of those or '{ALL_FOLD}'"
-        )
-    return list(splits[index]["train"]), list(splits[index]["val"])

@@ -41,10 +41,11 @@ from autoseg.errors import (
     TrainingError,
     TrainingInterrupted,
 )
-from autoseg.fileio import atomic_path, read_json, remove_partial_files, write_json
+from autoseg.fileio import atomic_path, remove_partial_files, write_json
 from autoseg.locks import fold_lock
 from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
-from autoseg.contracts.plans import PLANS_FILE, Configuration, Plans, load_plans, validate_identifier
+from autoseg.contracts.plans import PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.contracts.splits import SPLITS_FILE, fold_cases, load_splits, parse_fold
 from autoseg.preprocessing.store import list_stored_cases
 from autoseg.training import distributed
 from autoseg.training.budget import BudgetChoice, adapt_to_budget, training_threads
@@ -139,52 +140,6 @@ class TrainingState:
 
 
 # ------------------------------------------------------------------------------------------ resolution
-def _parse_fold(fold: int | str, num_folds: int, splits_file: Path) -> int | str:
-    text = str(fold).strip().lower()
-    if text == "all":
-        return "all"
-    if text.isdigit() and int(text) < num_folds:
-        return int(text)
-    raise ConfigurationError(
-        f"{splits_file}: fold {fold!r} does not exist; expected 0-{num_folds - 1} or 'all' "
-        f"(splits.json lists {num_folds} folds)"
-    )
-
-
-def _read_splits(preprocessed: Path) -> list[dict[str, list[str]]]:
-    """splits.json via autoseg.planning.splits when present, else read directly (same file format)."""
-    try:
-        from autoseg.planning.splits import load_splits  # type: ignore[import-not-found]
-    except ImportError:
-        load_splits = None
-    if load_splits is not None:
-        return load_splits(preprocessed)
-    path = preprocessed / "splits.json"
-    if not path.is_file():
-        raise PreprocessingError(f"{path}: missing; run `autoseg plan {preprocessed.name}` to write the folds")
-    splits = read_json(path)
-    if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s and "val" in s for s in splits):
-        raise ConfigurationError(
-            f"{path}: expected a list of {{\"train\": [...], \"val\": [...]}} folds; fix the file or re-run "
-            "`autoseg plan` to rewrite it"
-        )
-    return splits
-
-
-def fold_cases(preprocessed: Path, fold: int | str) -> tuple[list[str], list[str]]:
-    """(train ids, val ids) of ``fold``; "all" trains and validates on every case."""
-    splits = _read_splits(preprocessed)
-    fold = _parse_fold(fold, len(splits), preprocessed / "splits.json")
-    for index, split in enumerate(splits):  # case ids become file names in the store and in validation/
-        for part in ("train", "val"):
-            for case_id in split[part]:
-                validate_identifier(case_id, f"fold {index} {part} case id", preprocessed / "splits.json")
-    if fold == "all":
-        cases = sorted({c for s in splits for c in s["train"] + s["val"]})
-        return cases, cases
-    return list(splits[fold]["train"]), list(splits[fold]["val"])
-
-
 def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any, architecture: str | None):
     location = resolve_dataset(dataset, root)
     plans_file = location.preprocessed / PLANS_FILE
@@ -196,7 +151,7 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
     plans = load_plans(plans_file)
     config = plans.configuration(configuration, architecture)
     train_ids, val_ids = fold_cases(location.preprocessed, fold)
-    fold = _parse_fold(fold, 10**9, location.preprocessed / "splits.json")
+    fold = parse_fold(fold, len(load_splits(location.preprocessed)), location.preprocessed / SPLITS_FILE)
     store = ensure_inside(location.preprocessed / config.data_identifier, location.preprocessed,
                           "the preprocessed folder of the configuration")
     stored = set(list_stored_cases(store))
@@ -208,7 +163,7 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
         )
     if config.previous_stage:
         # fail before anything is written (and on every DDP rank alike) when the previous stage is not ready
-        previous_stage_sources(location, plans, config, _read_splits(location.preprocessed),
+        previous_stage_sources(location, plans, config, load_splits(location.preprocessed),
                                sorted(set(train_ids) | set(val_ids)), root)
     return location, plans, config, fold, train_ids, val_ids, store
 
@@ -508,7 +463,7 @@ def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output
         # (cascade.py); converted once by the main process, which the other ranks wait for
         cases = sorted(set(train_ids) | set(val_ids))
         if context.is_main:
-            prepare_previous_stage(location, plans, config, store, _read_splits(location.preprocessed), cases, say)
+            prepare_previous_stage(location, plans, config, store, load_splits(location.preprocessed), cases, say)
         distributed.barrier(context)
         previous_stage = previous_stage_folder(location, plans, config)
     cascade_classes = plans.num_classes if previous_stage is not None else 0

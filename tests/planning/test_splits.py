@@ -3,7 +3,8 @@ import json
 import pytest
 
 from autoseg.errors import ConfigurationError
-from autoseg.planning.splits import SPLITS_FILE, create_splits, fold_cases, load_splits, make_splits
+from autoseg.contracts.splits import SPLITS_FILE, fold_cases, load_splits
+from autoseg.planning.splits import create_splits, make_splits
 
 IDS = [f"case_{i:03d}" for i in range(12)]
 
@@ -52,7 +53,8 @@ def test_fold_cases_and_the_all_fold(tmp_path):
     train, val = fold_cases(tmp_path, 2)
     assert (train, val) == (load_splits(tmp_path)[2]["train"], load_splits(tmp_path)[2]["val"])
     assert fold_cases(tmp_path, "all") == (IDS, IDS)
-    with pytest.raises(ConfigurationError, match="has 5 fold"):
+    with pytest.raises(ConfigurationError,
+                       match=r"splits.json: fold 5 does not exist; expected 0-4 or .all. \(splits.json lists 5 folds\)"):
         fold_cases(tmp_path, 5)
 
 

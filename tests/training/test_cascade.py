@@ -134,8 +134,8 @@ def _fake_lowres_predictions(root: Path, folds=range(5)) -> None:
 
 
 def test_cascade_inputs_need_every_lowres_fold_and_follow_retraining(tmp_path):
+    from autoseg.contracts.splits import load_splits
     from autoseg.training import train
-    from autoseg.training.trainer import _read_splits
 
     _, plans = _cascade_dataset(tmp_path)
     _fake_lowres_predictions(tmp_path, folds=[0, 2, 3])
@@ -149,7 +149,7 @@ def test_cascade_inputs_need_every_lowres_fold_and_follow_retraining(tmp_path):
     config = plans.configurations["3d_cascade_fullres"]
     store = location.preprocessed / "3d_fullres"
     cases = [f"case_{i:03d}" for i in range(5)]
-    splits = _read_splits(location.preprocessed)
+    splits = load_splits(location.preprocessed)
     folder = prepare_previous_stage(location, plans, config, store, splits, cases)
     assert folder == previous_stage_folder(location, plans, config)
     converted = load_previous_stage(folder, "case_001")
@@ -167,14 +167,14 @@ def test_cascade_inputs_need_every_lowres_fold_and_follow_retraining(tmp_path):
 
 
 def test_sampler_reads_the_previous_stage_beside_the_label(tmp_path):
-    from autoseg.training.trainer import _read_splits
+    from autoseg.contracts.splits import load_splits
 
     _, plans = _cascade_dataset(tmp_path)
     _fake_lowres_predictions(tmp_path)
     location = resolve_dataset(DATASET, tmp_path)
     store = location.preprocessed / "3d_fullres"
     folder = prepare_previous_stage(location, plans, plans.configurations["3d_cascade_fullres"], store,
-                                    _read_splits(location.preprocessed), [f"case_{i:03d}" for i in range(5)])
+                                    load_splits(location.preprocessed), [f"case_{i:03d}" for i in range(5)])
     sampler = PatchSampler(store, ["case_000", "case_003"], (16, 32, 32), 3, 3, previous_stage=folder)
     batch = sampler.sample_batch(np.random.default_rng(0))
     assert batch["seg"].shape == (3, 2, 16, 32, 32)
