@@ -154,6 +154,15 @@ class Configuration:
     def architecture_name(self) -> str:
         return self.architecture.name
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Configuration":
+        """A configuration from its ``asdict`` form (an entry of plans.json, or as checkpoints and bundles
+        store it)."""
+        fields = dict(data)
+        fields["resampling"] = Resampling(**fields["resampling"])
+        fields["architecture"] = ArchitectureSpec(**fields["architecture"])
+        return cls(**fields)
+
 
 @dataclass
 class Plans:
@@ -237,12 +246,7 @@ class Plans:
             raise ConfigurationError(
                 f"plans schema version {version!r} is not {PLANS_SCHEMA_VERSION}; re-run `autoseg plan`"
             )
-        configurations = {}
-        for key, raw in data["configurations"].items():
-            raw = dict(raw)
-            raw["resampling"] = Resampling(**raw["resampling"])
-            raw["architecture"] = ArchitectureSpec(**raw["architecture"])
-            configurations[key] = Configuration(**raw)
+        configurations = {key: Configuration.from_json(raw) for key, raw in data["configurations"].items()}
         fields = dict(data)
         fields["configurations"] = configurations
         fields["intensity_stats"] = {k: IntensityStats(**v) for k, v in data["intensity_stats"].items()}

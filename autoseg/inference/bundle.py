@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 
+from autoseg.contracts.plans import Configuration, Plans
 from autoseg.errors import CheckpointError
 from autoseg.fileio import atomic_path
-from autoseg.inference.predictor import configuration_from_json
-from autoseg.contracts.plans import Configuration, Plans
 
 log = logging.getLogger(__name__)
 
@@ -400,8 +399,8 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
                      for name in _JSON_MEMBERS if name in present}
         try:
             plans = Plans.from_json(documents[PLANS])
-            configuration = configuration_from_json(documents[CONFIGURATION])
-            previous_configuration = (configuration_from_json(documents[PREVIOUS_CONFIGURATION])
+            configuration = Configuration.from_json(documents[CONFIGURATION])
+            previous_configuration = (Configuration.from_json(documents[PREVIOUS_CONFIGURATION])
                                       if PREVIOUS_CONFIGURATION in documents else None)
         except Exception as exc:  # noqa: BLE001 - any malformed plan is the same user problem
             raise CheckpointError(f"{source}: plans.json/configuration.json cannot be read ({str(exc)[:200]}); "

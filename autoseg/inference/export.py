@@ -28,20 +28,20 @@ import torch
 from torch import nn
 
 from autoseg import __version__
+from autoseg.contracts.checkpoint import CheckpointMetadata, load_checkpoint
+from autoseg.contracts.plans import Configuration, Plans
 from autoseg.errors import CheckpointError, ConfigurationError
 from autoseg.fileio import atomic_path, read_json, write_json
 from autoseg.inference.bundle import BundleFold, BundleManifest, BundleStage, PreviousStage, write_bundle
 from autoseg.inference.predictor import (
     DEFAULT_CHECKPOINT,
+    ModelIdentity,
     _fold_of,
     build_network,
-    configuration_from_json,
     find_fold_checkpoints,
-    load_checkpoint_file,
     model_folder,
 )
 from autoseg.inference.sliding_window import mirror_axis_sets
-from autoseg.contracts.plans import Configuration, Plans
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +97,31 @@ def load_trained_model(
         folds = [int(f) if str(f).isdigit() else str(f) for f in folds]
     paths = find_fold_checkpoints(folder, folds, checkpoint)
     trained: list[TrainedFold] = []
-    reference: tuple[Any, ...] | None = None
-    first: dict[str, Any] = {}
+    reference: ModelIdentity | None = None
+    first: CheckpointMetadata | None = None
     for path in paths:
-        checkpoint_dict = load_checkpoint_file(path)
-        meta = checkpoint_dict["metadata"]
+        checkpoint_dict = load_checkpoint(path, map_location="cpu")
+        meta = CheckpointMetadata.from_json(checkpoint_dict["metadata"], path)
         try:
-            this_configuration = configuration_from_json(meta["configuration"])
-            key = (this_configuration.name, this_configuration.architecture.name, int(meta["in_channels"]),
-                   int(meta["num_classes"]), tuple(this_configuration.patch_size))
-            Plans.from_json(meta["plans"])
+            model = ModelIdentity.of(meta.parsed_configuration(), meta)
+            meta.parsed_plans()
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: checkpoint metadata lacks a readable configuration/plans ({exc}); "
                                   "retrain this fold") from exc
         if reference is None:
-            reference, first = key, meta
-        elif key != reference:
+            reference, first = model, meta
+        elif model != reference:
             raise CheckpointError(
-                f"{path}: belongs to {key[:2]} with {key[2]} channels/{key[3]} classes/patch {key[4]}, but "
-                f"{paths[0]} is {reference[:2]} with {reference[2]}/{reference[3]}/{reference[4]}; export folds of "
-                "one configuration only"
+                f"{path}: belongs to {model.describe()}, but {paths[0]} is {reference.describe_short()}; export "
+                "folds of one configuration only"
             )
-        epoch = meta.get("epoch")
         # only the weights are kept: the optimiser state is as large again and has no use outside training
         trained.append(TrainedFold(_fold_of(path), path, checkpoint_dict["network"],
-                                   int(epoch) if epoch is not None else None))
+                                   int(meta.epoch) if meta.epoch is not None else None))
         del checkpoint_dict
-    plans = Plans.from_json(first["plans"])
-    this_configuration = configuration_from_json(first["configuration"])
+    assert first is not None  # find_fold_checkpoints returns at least one path or raises
+    plans = first.parsed_plans()
+    this_configuration = first.parsed_configuration()
     previous = None
     if this_configuration.previous_stage:
         # as Predictor.from_folder predicts a cascade: every trained fold of the previous stage, its plan's arch
@@ -132,8 +129,8 @@ def load_trained_model(
                                       checkpoint=checkpoint)
     return TrainedModel(
         folder=folder, dataset_name=location.name, plans=plans, configuration=this_configuration,
-        configuration_json=dict(first["configuration"]), in_channels=int(first["in_channels"]),
-        num_classes=int(first["num_classes"]), folds=trained, raw_folder=location.raw, previous=previous,
+        configuration_json=dict(first.configuration), in_channels=first.in_channels,
+        num_classes=first.num_classes, folds=trained, raw_folder=location.raw, previous=previous,
     )
 
 

@@ -29,54 +29,41 @@ from autoseg.device import choose_device, inference_amp_dtype
 from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
 from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
-from autoseg.contracts.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
+from autoseg.contracts.checkpoint import FINAL, CheckpointMetadata, load_checkpoint
+from autoseg.contracts.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "autoseg-checkpoint"
-DEFAULT_CHECKPOINT = "checkpoint_final.pt"
+DEFAULT_CHECKPOINT = FINAL
 # windows per forward pass: 2 keeps the activation memory at the training batch's order of magnitude while
 # amortising per-call overhead on GPUs (nnU-Net predicts one window at a time)
 DEFAULT_WINDOW_BATCH = 2
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate an autoseg checkpoint (the training package's loader when it is installed)."""
-    try:
-        from autoseg.training.checkpoint import load_checkpoint
-    except ImportError:  # training package not there: same validation, kept minimal
-        return _load_checkpoint_fallback(Path(path))
-    return load_checkpoint(path, map_location="cpu")
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What folds must share to be averaged (or exported) as one model."""
 
+    configuration: str
+    architecture: str
+    in_channels: int
+    num_classes: int
+    patch_size: tuple[int, ...]
 
-def _load_checkpoint_fallback(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; train this fold first (`autoseg train`)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: expected an autoseg checkpoint readable with torch.load(weights_only=True), found a "
-            f"corrupted or foreign file ({type(exc).__name__}); retrain this fold"
-        ) from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path}: expected format '{CHECKPOINT_FORMAT}', found something else; this file was not written "
-            "by autoseg, retrain with `autoseg train`"
-        )
-    if "network" not in checkpoint or not isinstance(checkpoint.get("metadata"), dict):
-        raise CheckpointError(f"{path}: autoseg checkpoint lacks 'network' or 'metadata'; retrain this fold")
-    return checkpoint
+    @classmethod
+    def of(cls, configuration: Configuration, metadata: CheckpointMetadata) -> "ModelIdentity":
+        return cls(configuration.name, configuration.architecture.name, metadata.in_channels, metadata.num_classes,
+                   tuple(configuration.patch_size))
 
+    def describe(self) -> str:
+        """``('3d_fullres', 'unet') with 1 channels/3 classes/patch (64, 64, 64)`` (the error messages' form)."""
+        return (f"{(self.configuration, self.architecture)} with {self.in_channels} channels/{self.num_classes} "
+                f"classes/patch {self.patch_size}")
 
-def configuration_from_json(data: dict[str, Any]) -> Configuration:
-    """A :class:`Configuration` from its ``asdict`` form (as stored in checkpoint metadata)."""
-    fields = dict(data)
-    fields["resampling"] = Resampling(**fields["resampling"])
-    fields["architecture"] = ArchitectureSpec(**fields["architecture"])
-    return Configuration(**fields)
+    def describe_short(self) -> str:
+        return (f"{(self.configuration, self.architecture)} with {self.in_channels}/{self.num_classes}/"
+                f"{self.patch_size}")
 
 
 @dataclass
@@ -222,38 +209,36 @@ class Predictor:
         :func:`autoseg.device.inference_amp_dtype`)."""
         if not paths:
             raise CheckpointError("no checkpoint files given; pass at least one checkpoint_*.pt")
-        networks, reference, plans, configuration, in_channels = [], None, None, None, 0
+        networks, reference, plans, configuration = [], None, None, None
         for path in (Path(p) for p in paths):
-            checkpoint = load_checkpoint_file(path)
-            metadata = checkpoint["metadata"]
+            checkpoint = load_checkpoint(path, map_location="cpu")
+            metadata = CheckpointMetadata.from_json(checkpoint["metadata"], path)
             try:
-                this_configuration = configuration_from_json(metadata["configuration"])
-                this_plans = Plans.from_json(metadata["plans"])
+                this_configuration = metadata.parsed_configuration()
+                this_plans = metadata.parsed_plans()
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(
                     f"{path}: checkpoint metadata lacks a readable configuration/plans ({exc}); retrain this fold"
                 ) from exc
-            key = (this_configuration.name, this_configuration.architecture.name, metadata["in_channels"],
-                   metadata["num_classes"], tuple(this_configuration.patch_size))
+            model = ModelIdentity.of(this_configuration, metadata)
             if reference is None:
-                reference, plans, configuration = key, this_plans, this_configuration
-                in_channels = int(metadata["in_channels"])
-            elif key != reference:
+                reference, plans, configuration = model, this_plans, this_configuration
+            elif model != reference:
                 raise CheckpointError(
-                    f"{path}: belongs to {key[:2]} with {key[2]} channels/{key[3]} classes/patch {key[4]}, "
-                    f"but {paths[0]} is {reference[:2]} with {reference[2]}/{reference[3]}/{reference[4]}; "
+                    f"{path}: belongs to {model.describe()}, but {paths[0]} is {reference.describe_short()}; "
                     "ensemble folds of one configuration only"
                 )
             assert configuration is not None
             networks.append(
-                build_network(configuration, in_channels, int(metadata["num_classes"]), checkpoint["network"], path)
+                build_network(configuration, reference.in_channels, metadata.num_classes, checkpoint["network"], path)
             )
-            log.debug("loaded %s (epoch %s)", path, metadata.get("epoch"))
-        assert plans is not None and configuration is not None
-        if int(reference[3]) != plans.num_classes:  # type: ignore[index]
+            log.debug("loaded %s (epoch %s)", path, metadata.epoch)
+        assert plans is not None and configuration is not None and reference is not None
+        in_channels = reference.in_channels
+        if reference.num_classes != plans.num_classes:
             raise CheckpointError(
-                f"{paths[0]}: network has {reference[3]} classes but its plans list {plans.num_classes} labels; "  # type: ignore[index]
-                "the checkpoint is inconsistent, retrain"
+                f"{paths[0]}: network has {reference.num_classes} classes but its plans list {plans.num_classes} "
+                "labels; the checkpoint is inconsistent, retrain"
             )
         return cls(networks, plans, configuration, in_channels, device=device, step_size=step_size, mirror=mirror,
                    window_batch_size=window_batch_size, sources=[Path(p) for p in paths],

@@ -1,8 +1,8 @@
 """Training: sampler + loader, augmentation, losses, schedule, checkpoint, trainer, distributed, progress.
 
-The one door in is :func:`train` (``autoseg train``); :func:`autoseg.training.checkpoint.load_checkpoint`
-is what inference uses to read the results. ``train`` is imported lazily so that importing the checkpoint
-module does not pull in the whole training stack.
+The one door in is :func:`train` (``autoseg train``). The checkpoint files it writes are the contract in
+:mod:`autoseg.contracts.checkpoint`, which inference reads without importing training. ``train`` is imported
+lazily so that importing a training module does not pull in the whole training stack.
 """
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from autoseg.contracts.checkpoint import BEST, FINAL, LATEST, CheckpointMetadata, load_checkpoint
 from autoseg.errors import ConfigurationError, TrainingError
 from autoseg.fileio import read_json, write_json
-from autoseg.training.checkpoint import BEST, FINAL, LATEST, load_checkpoint
 
 RUN_FILE = "run.json"
 RUN_SCHEMA_VERSION = 1
@@ -78,12 +78,12 @@ def options_from_checkpoint(folder: Path) -> dict[str, Any] | None:
     existed (None: no checkpoint). A broken checkpoint raises CheckpointError: never a silent fresh start."""
     for name in (LATEST, FINAL):
         if (folder / name).is_file():
-            metadata = load_checkpoint(folder / name)["metadata"]
-            budget = metadata.get("time_budget_s")
+            metadata = CheckpointMetadata.from_json(load_checkpoint(folder / name)["metadata"], folder / name)
+            budget = metadata.time_budget_s
             # under a budget the stored epoch length is the budget's choice (kept in the checkpoint), not an option
-            iterations = None if budget else metadata.get("iterations_per_epoch")
-            return {"epochs": metadata.get("epochs"), "iterations_per_epoch": iterations, "time_budget_s": budget,
-                    "seed": metadata.get("seed"), "selfreg": metadata.get("selfreg")}
+            iterations = None if budget else metadata.iterations_per_epoch
+            return {"epochs": metadata.epochs, "iterations_per_epoch": iterations, "time_budget_s": budget,
+                    "seed": metadata.seed, "selfreg": metadata.selfreg}
     return None
 
 

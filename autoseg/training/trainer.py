@@ -44,6 +44,15 @@ from autoseg.errors import (
 from autoseg.fileio import atomic_path, remove_partial_files, write_json
 from autoseg.locks import fold_lock
 from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
+from autoseg.contracts.checkpoint import (
+    BEST,
+    FINAL,
+    LATEST,
+    CheckpointMetadata,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 from autoseg.contracts.plans import PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.contracts.splits import SPLITS_FILE, fold_cases, load_splits, parse_fold
 from autoseg.preprocessing.store import list_stored_cases
@@ -56,16 +65,7 @@ from autoseg.training.augmentation import (
     training_transforms,
     validation_transforms,
 )
-from autoseg.training.checkpoint import (
-    BEST,
-    FINAL,
-    LATEST,
-    capture_rng_state,
-    load_checkpoint,
-    make_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from autoseg.training.checkpoint import capture_rng_state, restore_rng_state
 from autoseg.training.cascade import (
     load_previous_stage,
     prepare_previous_stage,
@@ -788,18 +788,19 @@ def _validate_epoch(model, sampler, transforms, iterations, device, dtype, ds_we
 
 
 # ------------------------------------------------------------------------------------- checkpoints/state
-def _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations, budget_s, elapsed_s):
-    return {
-        "dataset_name": dataset_name, "configuration": asdict(config), "plans": plans.to_json(), "fold": fold,
-        "epoch": state.epoch, "architecture": config.architecture.name,
-        "in_channels": plans.network_in_channels(config),
-        "num_classes": plans.num_classes, "selfreg": bool(selfreg), "curves": state.curves.to_json(),
-        "ema_pseudo_dice": state.ema, "best_ema_pseudo_dice": state.best_ema, "elapsed_s": float(elapsed_s),
-        "seconds_per_patch": state.seconds_per_patch, "seed": seed, "epochs": epochs,
-        "iterations_per_epoch": iterations, "time_budget_s": budget_s, "iterations_done": state.iterations_done,
-        "budget_choice": state.budget_choice, "budget_reasons": state.budget_reasons,
-        "epoch_iteration": state.epoch_iteration, "epoch_losses": list(state.epoch_losses),
-    }
+def _metadata(state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations, budget_s,
+              elapsed_s) -> CheckpointMetadata:
+    return CheckpointMetadata(
+        dataset_name=dataset_name, configuration=asdict(config), plans=plans.to_json(), fold=fold,
+        epoch=state.epoch, architecture=config.architecture.name,
+        in_channels=plans.network_in_channels(config),
+        num_classes=plans.num_classes, selfreg=bool(selfreg), curves=state.curves.to_json(),
+        ema_pseudo_dice=state.ema, best_ema_pseudo_dice=state.best_ema, elapsed_s=float(elapsed_s),
+        seconds_per_patch=state.seconds_per_patch, seed=seed, epochs=epochs,
+        iterations_per_epoch=iterations, time_budget_s=budget_s, iterations_done=state.iterations_done,
+        budget_choice=state.budget_choice, budget_reasons=state.budget_reasons,
+        epoch_iteration=state.epoch_iteration, epoch_losses=list(state.epoch_losses),
+    )
 
 
 def _save(path, network, optimizer, state, plans, config, fold, dataset_name, selfreg, seed, epochs, iterations,
@@ -833,15 +834,15 @@ def _resume(output: Path, network: nn.Module, optimizer, say) -> TrainingState:
         ) from exc
     if checkpoint.get("rng"):
         restore_rng_state(checkpoint["rng"])
-    metadata = checkpoint["metadata"]
+    metadata = CheckpointMetadata.from_json(checkpoint["metadata"], path)
     state = TrainingState(
-        epoch=int(metadata.get("epoch", 0)), curves=Curves.from_json(metadata.get("curves", {})),
-        ema=metadata.get("ema_pseudo_dice"), best_ema=float(metadata.get("best_ema_pseudo_dice", -1.0)),
-        elapsed_s=float(metadata.get("elapsed_s", 0.0)), seconds_per_patch=metadata.get("seconds_per_patch"),
-        iterations_done=int(metadata.get("iterations_done") or 0), budget_choice=metadata.get("budget_choice"),
-        budget_reasons=list(metadata.get("budget_reasons") or []),
-        epoch_iteration=int(metadata.get("epoch_iteration") or 0),
-        epoch_losses=[float(v) for v in metadata.get("epoch_losses") or []],
+        epoch=int(metadata.epoch or 0), curves=Curves.from_json(metadata.curves),
+        ema=metadata.ema_pseudo_dice, best_ema=float(metadata.best_ema_pseudo_dice),
+        elapsed_s=float(metadata.elapsed_s), seconds_per_patch=metadata.seconds_per_patch,
+        iterations_done=int(metadata.iterations_done or 0), budget_choice=metadata.budget_choice,
+        budget_reasons=list(metadata.budget_reasons or []),
+        epoch_iteration=int(metadata.epoch_iteration or 0),
+        epoch_losses=[float(v) for v in metadata.epoch_losses or []],
     )
     within = f" (iteration {state.epoch_iteration} of epoch {state.epoch})" if state.epoch_iteration else ""
     say(f"resumed from {path.name}: epoch {state.epoch}{within}, {format_duration(state.elapsed_s)} of training "
@@ -924,16 +925,14 @@ class _ValidationEstimate:
 def _resumed_configuration(output: Path) -> tuple[Configuration, BudgetChoice, list[str]] | None:
     """The adapted configuration and budget choice of the checkpoint --continue will load (None: no checkpoint
     or not a budget run), so a resumed budget run rebuilds the same network."""
-    from autoseg.inference.predictor import configuration_from_json
-
     for name in (LATEST, FINAL):
         if (output / name).is_file():
-            metadata = load_checkpoint(output / name)["metadata"]
-            if not metadata.get("budget_choice"):
+            metadata = CheckpointMetadata.from_json(load_checkpoint(output / name)["metadata"], output / name)
+            if not metadata.budget_choice:
                 return None
-            choice = BudgetChoice(**metadata["budget_choice"])
-            reasons = [f"resumed: {r}" for r in metadata.get("budget_reasons") or []]
-            return configuration_from_json(metadata["configuration"]), choice, reasons
+            choice = BudgetChoice(**metadata.budget_choice)
+            reasons = [f"resumed: {r}" for r in metadata.budget_reasons or []]
+            return metadata.parsed_configuration(), choice, reasons
     return None
 
 

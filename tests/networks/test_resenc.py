@@ -125,7 +125,7 @@ def test_meta_device_forward():
 def test_trains_through_the_trainer(tmp_path, dims):
     """A tiny preprocessed dataset with a resenc configuration, 2 iterations through autoseg.training.train."""
     from autoseg.training import train
-    from autoseg.training.checkpoint import load_checkpoint
+    from autoseg.contracts.checkpoint import load_checkpoint
     from tests.training.tiny_data import DATASET, build_tiny_dataset
 
     name = f"{'2d' if dims == 2 else '3d_fullres'}_resenc"

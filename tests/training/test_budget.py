@@ -18,7 +18,7 @@ from autoseg.training.budget import (
     with_stages,
     with_width,
 )
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.contracts.checkpoint import load_checkpoint
 
 from .tiny_data import DATASET, build_tiny_dataset
 

@@ -189,7 +189,7 @@ def test_lowres_then_cascade_trains_validates_and_predicts(tmp_path):
 
     from autoseg.inference import Predictor
     from autoseg.training import train
-    from autoseg.training.checkpoint import load_checkpoint
+    from autoseg.contracts.checkpoint import load_checkpoint
 
     _cascade_dataset(tmp_path)
     for fold in range(5):

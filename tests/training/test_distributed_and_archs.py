@@ -8,7 +8,7 @@ import pytest
 
 from autoseg import networks
 from autoseg.training import train
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.contracts.checkpoint import load_checkpoint
 
 from .tiny_data import DATASET, build_tiny_dataset
 

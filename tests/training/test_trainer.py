@@ -15,7 +15,7 @@ from autoseg.errors import (
     TrainingInterrupted,
 )
 from autoseg.training import train
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.contracts.checkpoint import load_checkpoint
 
 from .tiny_data import DATASET, build_tiny_dataset
 
