@@ -179,7 +179,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     rules = None
     if args.postprocessing:
-        from autoseg.evaluation.postprocessing import load_postprocessing
+        from autoseg.contracts.postprocessing import load_postprocessing
 
         rules = load_postprocessing(args.postprocessing)
         if rules is None:

@@ -67,7 +67,7 @@ def ensemble_folders(
 ) -> list[Path]:
     """Average ``<case>.npz`` probabilities over ``inputs`` and write ``<case><ending>`` segmentations (and,
     with ``save_probabilities``, the averaged ``<case>.npz``) into ``output``. Returns the written
-    segmentation paths. ``postprocessing``: rules from ``autoseg.evaluation.postprocessing`` to apply.
+    segmentation paths. ``postprocessing``: rules from ``autoseg.contracts.postprocessing`` to apply.
     """
     folders = [Path(p) for p in inputs]
     output = Path(output)
@@ -90,7 +90,7 @@ def ensemble_folders(
         total /= len(folders)
         segmentation = probabilities_to_segmentation(total)
         if postprocessing is not None:
-            from autoseg.evaluation.postprocessing import apply_postprocessing
+            from autoseg.contracts.postprocessing import apply_postprocessing
 
             segmentation = apply_postprocessing(segmentation, postprocessing)
         if save_probabilities:

@@ -150,7 +150,7 @@ def export_bundle(model: TrainedModel, output: str | os.PathLike) -> Path:
     postprocessing_json = None
     postprocessing_file = model.folder / "postprocessing.json"
     if postprocessing_file.is_file():
-        from autoseg.evaluation.postprocessing import load_postprocessing
+        from autoseg.contracts.postprocessing import load_postprocessing
 
         postprocessing_json = load_postprocessing(postprocessing_file).to_json()  # validated before it ships
     manifest = BundleManifest(

@@ -188,7 +188,7 @@ class Predictor:
         # cascade (3d_cascade_fullres): the model of configuration.previous_stage, whose segmentation becomes
         # extra one-hot input channels; set by from_folder, or by hand when building from checkpoints
         self.previous_stage: Predictor | None = None
-        # the largest-component rules find-best chose (autoseg.evaluation.postprocessing.PostprocessingRules),
+        # the largest-component rules find-best chose (autoseg.contracts.postprocessing.PostprocessingRules),
         # applied by predict/predict_array/predict_files/predict_segmentation and by `autoseg predict`; set by
         # from_folder and from_bundle, None = no postprocessing
         self.postprocessing: Any | None = None
@@ -439,7 +439,7 @@ class Predictor:
         grid; unchanged when there are none. The one place both the CLI and the Python API do it."""
         if self.postprocessing is None:
             return segmentation
-        from autoseg.evaluation.postprocessing import apply_postprocessing
+        from autoseg.contracts.postprocessing import apply_postprocessing
 
         return apply_postprocessing(segmentation, self.postprocessing)
 
@@ -545,7 +545,7 @@ def array_geometry(image: np.ndarray, spacing: Sequence[float]) -> Geometry:
 
 def load_postprocessing_rules(model_folder: Path) -> Any | None:
     """The rules find-best wrote into ``model_folder/postprocessing.json``, or None when there are none."""
-    from autoseg.evaluation.postprocessing import load_postprocessing
+    from autoseg.contracts.postprocessing import load_postprocessing
 
     rules = load_postprocessing(model_folder)
     if rules is not None:
@@ -555,7 +555,7 @@ def load_postprocessing_rules(model_folder: Path) -> Any | None:
 
 def postprocessing_rules_from_json(data: dict[str, Any], source: str) -> Any:
     """Rules from the JSON of a postprocessing.json (as a bundle holds it)."""
-    from autoseg.evaluation.postprocessing import PostprocessingRules
+    from autoseg.contracts.postprocessing import PostprocessingRules
 
     return PostprocessingRules.from_json(data, source)
 

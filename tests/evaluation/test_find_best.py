@@ -10,7 +10,7 @@ import pytest
 
 from autoseg.errors import ConfigurationError
 from autoseg.evaluation import find_best
-from autoseg.evaluation.postprocessing import load_postprocessing
+from autoseg.contracts.postprocessing import load_postprocessing
 
 from .project import DATASET, make_project
 

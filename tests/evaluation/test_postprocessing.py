@@ -7,17 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from autoseg.errors import ConfigurationError
-from autoseg.evaluation.postprocessing import (
+from autoseg.contracts.postprocessing import (
     PostprocessingRules,
     apply_postprocessing,
-    candidate_dice,
-    choose_rules,
-    decide_postprocessing,
     largest_component,
     load_postprocessing,
     save_postprocessing,
 )
+from autoseg.errors import ConfigurationError
+from autoseg.evaluation.postprocessing import candidate_dice, choose_rules, decide_postprocessing
 from autoseg.io import Geometry, write_segmentation
 
 SHAPE = (16, 24, 24)

@@ -16,7 +16,7 @@ import torch
 
 from autoseg.cli import main
 from autoseg.errors import CheckpointError, ConfigurationError
-from autoseg.evaluation.postprocessing import PostprocessingRules, save_postprocessing
+from autoseg.contracts.postprocessing import PostprocessingRules, save_postprocessing
 from autoseg.inference import Predictor
 from autoseg.inference.bundle import BUNDLE_SCHEMA_VERSION, read_bundle
 from autoseg.inference.export import export_model

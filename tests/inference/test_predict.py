@@ -234,7 +234,7 @@ def test_cli_predict_exit_codes(tmp_path: Path, identity_preprocessing: None) ->
 
 
 def test_postprocessing_json_applied_when_present(tmp_path: Path, identity_preprocessing: None) -> None:
-    from autoseg.evaluation.postprocessing import PostprocessingRules, save_postprocessing
+    from autoseg.contracts.postprocessing import PostprocessingRules, save_postprocessing
     from autoseg.inference.predictor import load_postprocessing_rules
 
     plans = make_plans(3, spacing=(2.0, 1.0, 1.0))

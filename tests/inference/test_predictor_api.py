@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autoseg.errors import ConfigurationError
-from autoseg.evaluation.postprocessing import PostprocessingRules
+from autoseg.contracts.postprocessing import PostprocessingRules
 from autoseg.inference import Predictor, predict
 from autoseg.io import Geometry, read_segmentation, write_image
 
