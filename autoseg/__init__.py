@@ -15,7 +15,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "plan_dataset": "autoseg.planning",
+    "plan_dataset": "autoseg.pipeline",
     "preprocess_dataset": "autoseg.preprocessing",
     "train": "autoseg.training",
     "predict": "autoseg.inference",

@@ -58,7 +58,7 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from autoseg.planning import plan_dataset
+    from autoseg.pipeline import plan_dataset
 
     plan_dataset(
         args.dataset,

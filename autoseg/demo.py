@@ -60,7 +60,7 @@ def run_demo(root: str | None = None, quick: bool = False, device: str = "auto",
     from autoseg.dataset.verify import verify_dataset
     from autoseg.evaluation import evaluate_folders, find_best
     from autoseg.inference import predict
-    from autoseg.planning import plan_dataset
+    from autoseg.pipeline import plan_dataset
     from autoseg.training import train
 
     data_root = paths.data_root(root)

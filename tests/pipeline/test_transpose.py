@@ -36,7 +36,7 @@ def _dice(a, b, value):
 @pytest.mark.slow
 def test_thick_x_dataset_end_to_end(tmp_path):
     from autoseg.inference import predict
-    from autoseg.planning import plan_dataset
+    from autoseg.pipeline import plan_dataset
     from autoseg.training import train
 
     raw = generate(tmp_path / "raw" / DATASET, SPEC)

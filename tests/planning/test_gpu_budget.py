@@ -34,7 +34,7 @@ def test_gpu_budget_without_cuda_is_8_gb_and_says_so(monkeypatch):
 def test_plan_dataset_uses_the_device_budget_and_the_flag_overrides_it(tmp_path, monkeypatch, capsys):
     from autoseg.cli import build_parser
     from autoseg.dataset.synthetic import SyntheticSpec, generate
-    from autoseg.planning import plan_dataset
+    from autoseg.pipeline import plan_dataset
 
     assert build_parser().parse_args(["plan", "4"]).gpu_memory is None  # None: ask the device
     generate(tmp_path / "raw" / "Dataset905_Budget", SyntheticSpec(num_cases=4, shape=(8, 24, 24)))

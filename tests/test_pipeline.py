@@ -2,10 +2,10 @@ import json
 
 import pytest
 
+from autoseg.contracts.plans import load_plans
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.errors import DatasetError
-from autoseg.planning import plan_dataset
-from autoseg.contracts.plans import load_plans
+from autoseg.pipeline import plan_dataset
 
 
 def make_raw(root, name="Dataset903_Plan", **kwargs):
