@@ -29,10 +29,10 @@ import numpy as np
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     """Dice of two boolean masks, as the evaluator computes it (1 when both are empty)."""
-    from autoseg.evaluation.metrics import confusion_counts, dice_from_counts
+    from autoseg.evaluation.metrics import confusion_counts, reported_dice
 
     tp, fp, fn, _ = confusion_counts(reference, prediction)
-    return dice_from_counts(tp, fp, fn)
+    return reported_dice(tp, fp, fn)
 
 
 def score_case(predictor, image_files: Sequence[Path], label_file: Path) -> dict[str, list[float]]:

@@ -8,8 +8,12 @@ voxels outside the image counted as background). Distances between surfaces are 
 
 Conventions (stated once here, repeated in docs/evaluation.md):
 
-- ``a / b`` with ``b == 0`` (nothing to get right and nothing got wrong) is **1**: Dice and IoU are 1 when
-  both masks are empty; precision is 1 when the prediction is empty; recall is 1 when the reference is empty.
+- Dice of a class absent from both masks is 0/0, undefined: :func:`dice_from_counts` returns **NaN** there
+  (the one Dice function, shared with the trainer's pseudo-Dice, which leaves such classes out of its mean).
+  Evaluation *reports* **1** for it (nothing to get right and nothing got wrong): :func:`reported_dice`, the
+  one place that says so, used by the case metrics, ``mean_dice`` and the postprocessing decision.
+- Other ``a / b`` with ``b == 0`` are **1** by the same reasoning: IoU is 1 when both masks are empty;
+  precision is 1 when the prediction is empty; recall is 1 when the reference is empty.
 - Dice/IoU/NSD are 0 when exactly one mask is empty.
 - HD95 is 0 when both masks are empty and the **image diagonal in mm** (the largest distance possible
   inside the image) when exactly one is empty, so every value is finite and a missed object is penalised
@@ -52,9 +56,30 @@ def confusion_counts(reference: np.ndarray, prediction: np.ndarray) -> tuple[int
     return tp, fp, fn, tn
 
 
-def dice_from_counts(tp: int, fp: int, fn: int) -> float:
-    """Dice = 2 TP / (2 TP + FP + FN); 1 when both masks are empty."""
-    return _ratio(2 * tp, 2 * tp + fp + fn)
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """Dice = 2 TP / (2 TP + FP + FN) of one class from its voxel counts; **NaN** when the class is absent from
+    both reference and prediction (TP = FP = FN = 0).
+
+    Why NaN: Dice is 0/0 there, undefined; there is no overlap to measure. What should stand in for it depends
+    on the use: evaluation reports 1 (:func:`reported_dice`), the trainer's pseudo-Dice leaves the class out of
+    its mean (a validation batch without the class says nothing about it). NaN makes each caller choose, so one
+    use's convention cannot leak into the other's numbers.
+
+    >>> dice_from_counts(3, 1, 1), dice_from_counts(0, 0, 2)
+    (0.75, 0.0)
+    >>> import math; math.isnan(dice_from_counts(0, 0, 0))
+    True
+    """
+    denominator = 2 * tp + fp + fn
+    return float(2 * tp) / float(denominator) if denominator > 0 else float("nan")
+
+
+def reported_dice(tp: float, fp: float, fn: float) -> float:
+    """The Dice evaluation reports: :func:`dice_from_counts`, with **1** for a class absent from both masks
+    (nothing to get right and nothing got wrong), so every reported value is finite and a correctly empty
+    prediction scores as well as a perfect one."""
+    dice = dice_from_counts(tp, fp, fn)
+    return 1.0 if math.isnan(dice) else dice
 
 
 def iou_from_counts(tp: int, fp: int, fn: int) -> float:
@@ -159,7 +184,7 @@ def class_metrics(
     tp, fp, fn, tn = confusion_counts(reference, prediction)
     voxel_volume = float(np.prod(spacing))
     result: dict[str, float] = {
-        "dice": dice_from_counts(tp, fp, fn),
+        "dice": reported_dice(tp, fp, fn),
         "iou": iou_from_counts(tp, fp, fn),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
@@ -206,7 +231,7 @@ def case_metrics(
 
 def mean_dice(reference: np.ndarray, prediction: np.ndarray, labels: Iterable[int]) -> dict[int, float]:
     """``{label: Dice}`` of one case without surface metrics (what postprocessing decisions need)."""
-    return {int(label): dice_from_counts(*confusion_counts(reference == label, prediction == label)[:3])
+    return {int(label): reported_dice(*confusion_counts(reference == label, prediction == label)[:3])
             for label in labels}
 
 

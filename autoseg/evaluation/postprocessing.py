@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def _dice(reference: np.ndarray, prediction: np.ndarray) -> float:
-    from autoseg.evaluation.metrics import confusion_counts, dice_from_counts
+    from autoseg.evaluation.metrics import confusion_counts, reported_dice
 
-    return dice_from_counts(*confusion_counts(reference, prediction)[:3])
+    return reported_dice(*confusion_counts(reference, prediction)[:3])
 
 
 def candidate_dice(reference: np.ndarray, prediction: np.ndarray, labels: Sequence[int]) -> dict[str, dict[int, float]]:

@@ -41,6 +41,7 @@ from autoseg.errors import (
     TrainingError,
     TrainingInterrupted,
 )
+from autoseg.evaluation.metrics import dice_from_counts
 from autoseg.fileio import atomic_path, remove_partial_files, write_json
 from autoseg.locks import fold_lock
 from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
@@ -241,13 +242,6 @@ def pseudo_dice_counts(logits: torch.Tensor, target: torch.Tensor, num_classes: 
         counts[1, k - 1] = (p & ~g).sum()
         counts[2, k - 1] = (~p & g).sum()
     return counts
-
-
-def dice_from_counts(counts: torch.Tensor) -> list[float]:
-    """``2TP / (2TP + FP + FN)`` per class; NaN for a class absent from reference and prediction."""
-    tp, fp, fn = counts
-    denominator = 2 * tp + fp + fn
-    return [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp.tolist(), denominator.tolist())]
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -784,7 +778,8 @@ def _validate_epoch(model, sampler, transforms, iterations, device, dtype, ds_we
     distributed.all_reduce_sum(counts, context)
     if patches:
         state.seconds_per_patch = forward_time / patches
-    return float(np.mean(losses)), dice_from_counts(counts)
+    # per foreground class; NaN for a class absent from every batch (left out of the mean by _finite_mean)
+    return float(np.mean(losses)), [dice_from_counts(tp, fp, fn) for tp, fp, fn in zip(*counts.tolist())]
 
 
 # ------------------------------------------------------------------------------------- checkpoints/state

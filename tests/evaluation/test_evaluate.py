@@ -9,7 +9,7 @@ import pytest
 from autoseg.errors import DatasetError
 from autoseg.evaluation import evaluate_folders, format_table
 from autoseg.evaluation.evaluate import load_summary
-from autoseg.evaluation.metrics import dice_from_counts, confusion_counts
+from autoseg.evaluation.metrics import confusion_counts, reported_dice
 from autoseg.io import Geometry, read_segmentation, write_segmentation
 
 from .project import make_raw
@@ -27,7 +27,7 @@ def folders(tmp_path):
         prediction[prediction == 2] = 0 if index == 0 else 2  # case 0 misses the satellite
         prediction = np.roll(prediction, index, axis=2)  # shifted by `index` voxels along x
         write_segmentation(prediction, geometry, predictions / f"{case_id}.nii.gz")
-        expected[case_id] = {k: dice_from_counts(*confusion_counts(label == k, prediction == k)[:3]) for k in (1, 2)}
+        expected[case_id] = {k: reported_dice(*confusion_counts(label == k, prediction == k)[:3]) for k in (1, 2)}
     return raw, predictions, expected
 
 

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from autoseg.evaluation.metrics import aggregate, case_metrics, class_metrics, image_diagonal_mm
+from autoseg.evaluation.metrics import (
+    aggregate,
+    case_metrics,
+    class_metrics,
+    dice_from_counts,
+    image_diagonal_mm,
+    mean_dice,
+    reported_dice,
+)
 
 
 def _box(shape, starts, stops):
@@ -40,6 +48,16 @@ def test_both_empty_is_perfect_and_finite():
     m = class_metrics(empty, empty, (1.0, 1.0, 1.0))
     assert (m["dice"], m["iou"], m["hd95"], m["nsd"], m["precision"], m["recall"]) == (1, 1, 0, 1, 1, 1)
     assert m["reference_empty"] == 1.0 and m["prediction_empty"] == 1.0
+
+
+def test_dice_is_undefined_when_both_are_empty_and_evaluation_reports_one():
+    """One Dice function (the trainer's pseudo-Dice uses it too): NaN for 0/0; evaluation reports 1 there."""
+    assert dice_from_counts(3, 1, 1) == reported_dice(3, 1, 1) == 0.75  # 6 / 8
+    assert dice_from_counts(0, 2, 0) == reported_dice(0, 2, 0) == 0.0
+    assert math.isnan(dice_from_counts(0, 0, 0)) and reported_dice(0, 0, 0) == 1.0
+    label = np.zeros((4, 4), np.uint8)
+    label[:2] = 1
+    assert mean_dice(label, label, [1, 2]) == {1: 1.0, 2: 1.0}  # label 2 in neither: reported as 1
 
 
 @pytest.mark.parametrize("which", ["reference", "prediction"])
