@@ -100,9 +100,8 @@ os._exit(0)
 OURS_STEP = r"""
 import json, sys, time, torch
 from pathlib import Path
-from autoseg.contracts.plans import ArchitectureSpec, Configuration, Resampling
+from autoseg.contracts.plans import ArchitectureSpec, Configuration, Plans, Resampling
 from autoseg.training.trainer import _random_batch, _train_step, build_network
-from autoseg.contracts.plans import Plans
 plans_file, num_classes, steps, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 nn_config = json.load(open(plans_file))["configurations"]["3d_fullres"]
 arch = nn_config["architecture"]["arch_kwargs"]
@@ -133,10 +132,10 @@ print(json.dumps({"patch": patch, "batch": batch, "threads": torch.get_num_threa
 OURS_LOADER = r"""
 import json, os, sys, time
 from autoseg.contracts.plans import load_plans
+from autoseg.contracts.splits import fold_cases
 from autoseg.training.augmentation import augmentation_settings, sample_size_for, training_transforms
 from autoseg.training.data import PatchSampler
 from autoseg.training.loader import BatchLoader
-from autoseg.contracts.splits import fold_cases
 from autoseg.training.trainer import build_network
 preprocessed, batches = sys.argv[1], int(sys.argv[2])
 from pathlib import Path

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from autoseg.paths import resolve_dataset
 from autoseg.contracts.plans import PLANS_FILE, load_plans
+from autoseg.paths import resolve_dataset
 from autoseg.training import budget as budget_module
 from autoseg.training.trainer import _train_step, build_network
 

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from autoseg.contracts.postprocessing import PostprocessingRules, save_postprocessing
 from autoseg.dataset import load_dataset_spec
 from autoseg.errors import ConfigurationError, DatasetError, ImageReadError
 from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_pairs
 from autoseg.evaluation.parallel import run_all
-from autoseg.contracts.postprocessing import PostprocessingRules, save_postprocessing
 from autoseg.evaluation.postprocessing import decide_postprocessing
 from autoseg.fileio import read_json, write_json
 from autoseg.io import read_segmentation, write_segmentation

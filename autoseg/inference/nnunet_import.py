@@ -65,9 +65,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from autoseg import __version__
-from autoseg.errors import CheckpointError, ConfigurationError
-from autoseg.fileio import read_json
-from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
 from autoseg.contracts.plans import (
     NORM_CT,
     NORM_ZSCORE,
@@ -78,6 +75,9 @@ from autoseg.contracts.plans import (
     Resampling,
     validate_plans_identifiers,
 )
+from autoseg.errors import CheckpointError, ConfigurationError
+from autoseg.fileio import read_json
+from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
 
 log = logging.getLogger(__name__)
 

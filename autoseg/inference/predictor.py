@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.contracts.checkpoint import FINAL, CheckpointMetadata, load_checkpoint
+from autoseg.contracts.plans import Configuration, Plans, load_plans
 from autoseg.device import choose_device, inference_amp_dtype
 from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
 from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
-from autoseg.contracts.checkpoint import FINAL, CheckpointMetadata, load_checkpoint
-from autoseg.contracts.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from autoseg.errors import ConfigurationError
 from autoseg.contracts.fingerprint import Fingerprint
-from autoseg.planning.memory import batch_size_for_budget, memory_budget_bytes, memory_components
 from autoseg.contracts.plans import (
     NORM_CT,
     NORM_NONE,
@@ -33,6 +31,8 @@ from autoseg.contracts.plans import (
     Plans,
     Resampling,
 )
+from autoseg.errors import ConfigurationError
+from autoseg.planning.memory import batch_size_for_budget, memory_budget_bytes, memory_components
 from autoseg.planning.presets import get_preset
 from autoseg.planning.spacing import (
     ANISOTROPY_THRESHOLD,

@@ -23,9 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
+from autoseg.contracts.plans import Configuration, Plans
 from autoseg.errors import ConfigurationError, DatasetError
 from autoseg.io import Geometry
-from autoseg.contracts.plans import Configuration, Plans
 from autoseg.preprocessing.cropping import bounding_box, crop_to_box, nonzero_mask, uncrop
 from autoseg.preprocessing.normalization import normalize_channel
 from autoseg.preprocessing.resampling import (

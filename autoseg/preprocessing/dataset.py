@@ -36,9 +36,9 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from autoseg.contracts.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.errors import AutosegError, ConfigurationError, DatasetError
 from autoseg.fileio import remove_partial_files
-from autoseg.contracts.plans import NORM_CT, PLANS_FILE, Configuration, Plans, load_plans
 from autoseg.preprocessing.store import case_provenance, input_record, is_complete, json_digest, save_case
 from autoseg.workers import pool_initializer
 

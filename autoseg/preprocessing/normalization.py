@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoseg.errors import ConfigurationError
 from autoseg.contracts.plans import (
     NORM_CT,
     NORM_NONE,
@@ -22,6 +21,7 @@ from autoseg.contracts.plans import (
     NORM_ZSCORE,
     IntensityStats,
 )
+from autoseg.errors import ConfigurationError
 
 # Guards a division by a zero std or range (a constant image); the reference uses the same 1e-8.
 EPSILON = 1e-8

@@ -14,8 +14,8 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
-from autoseg.io import Geometry
 from autoseg.contracts.plans import inverse_permutation
+from autoseg.io import Geometry
 
 T = TypeVar("T")
 

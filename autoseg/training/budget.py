@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from autoseg.device import cpu_supports_bf16
 from autoseg.contracts.plans import Configuration
+from autoseg.device import cpu_supports_bf16
 
 MIN_FEATURES = 4  # narrower stages than this stop being a network (InstanceNorm over 1-3 channels)
 

@@ -22,12 +22,11 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from autoseg.errors import ConfigurationError
+from autoseg.contracts.plans import Configuration, Plans
+from autoseg.errors import ConfigurationError, PreprocessingError
 from autoseg.io import read_segmentation
 from autoseg.paths import DatasetLocation, fold_folder
-from autoseg.contracts.plans import Configuration, Plans
 from autoseg.preprocessing.case import preprocess_label
-from autoseg.errors import PreprocessingError
 from autoseg.preprocessing.store import array_file, load_properties, open_array, save_array
 
 log = logging.getLogger(__name__)

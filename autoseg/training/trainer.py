@@ -32,6 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.contracts.checkpoint import (
+    BEST,
+    FINAL,
+    LATEST,
+    CheckpointMetadata,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
+from autoseg.contracts.plans import PLANS_FILE, Configuration, Plans, load_plans
+from autoseg.contracts.splits import SPLITS_FILE, fold_cases, load_splits, parse_fold
 from autoseg.device import amp_dtype, choose_device, configure_threads
 from autoseg.errors import (
     AutosegError,
@@ -45,17 +56,6 @@ from autoseg.evaluation.metrics import dice_from_counts
 from autoseg.fileio import atomic_path, remove_partial_files, write_json
 from autoseg.locks import fold_lock
 from autoseg.paths import ensure_inside, environment_summary, fold_folder, resolve_dataset
-from autoseg.contracts.checkpoint import (
-    BEST,
-    FINAL,
-    LATEST,
-    CheckpointMetadata,
-    load_checkpoint,
-    make_checkpoint,
-    save_checkpoint,
-)
-from autoseg.contracts.plans import PLANS_FILE, Configuration, Plans, load_plans
-from autoseg.contracts.splits import SPLITS_FILE, fold_cases, load_splits, parse_fold
 from autoseg.preprocessing.store import list_stored_cases
 from autoseg.training import distributed
 from autoseg.training.budget import BudgetChoice, adapt_to_budget, training_threads

@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 
 import pytest
 
+from autoseg.contracts.postprocessing import load_postprocessing
 from autoseg.errors import ConfigurationError
 from autoseg.evaluation import find_best
-from autoseg.contracts.postprocessing import load_postprocessing
 
 from .project import DATASET, make_project
 

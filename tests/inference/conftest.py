@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.io import Geometry
 from autoseg.contracts.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling
+from autoseg.io import Geometry
 from autoseg.preprocessing.store import CaseProperties
 
 LABELS = {"background": 0, "object": 1, "satellite": 2}

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from autoseg.cli import main
-from autoseg.errors import CheckpointError, ConfigurationError
 from autoseg.contracts.postprocessing import PostprocessingRules, save_postprocessing
+from autoseg.errors import CheckpointError, ConfigurationError
 from autoseg.inference import Predictor
 from autoseg.inference.bundle import BUNDLE_SCHEMA_VERSION, read_bundle
 from autoseg.inference.export import export_model

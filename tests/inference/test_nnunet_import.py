@@ -13,6 +13,7 @@ import torch
 
 from autoseg import networks
 from autoseg.cli import main
+from autoseg.contracts.plans import NORM_CT, NORM_ZSCORE
 from autoseg.errors import CheckpointError, ConfigurationError
 from autoseg.inference.bundle import read_bundle
 from autoseg.inference.nnunet_import import (
@@ -23,7 +24,6 @@ from autoseg.inference.nnunet_import import (
     read_nnunet_model,
 )
 from autoseg.inference.predictor import Predictor
-from autoseg.contracts.plans import NORM_CT, NORM_ZSCORE
 
 FEATURES = [4, 8, 16]
 TOPOLOGY = {

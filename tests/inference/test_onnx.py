@@ -13,11 +13,11 @@ pytest.importorskip("onnx", reason="onnx not installed: pip install -e '.[onnx]'
 pytest.importorskip("onnxscript", reason="onnxscript not installed: pip install -e '.[onnx]'")
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install -e '.[onnx]'")
 
+from autoseg.contracts.plans import save_plans  # noqa: E402
 from autoseg.errors import ConfigurationError  # noqa: E402
 from autoseg.fileio import read_json  # noqa: E402
 from autoseg.inference import Predictor  # noqa: E402
 from autoseg.inference.export import export_model, export_network_onnx  # noqa: E402
-from autoseg.contracts.plans import save_plans  # noqa: E402
 
 from tests.inference.conftest import make_plans, write_fake_checkpoint  # noqa: E402
 from tests.inference.test_export import DATASET, trained_root  # noqa: E402

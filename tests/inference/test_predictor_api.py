@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.errors import ConfigurationError
 from autoseg.contracts.postprocessing import PostprocessingRules
+from autoseg.errors import ConfigurationError
 from autoseg.inference import Predictor, predict
 from autoseg.io import Geometry, read_segmentation, write_image
 

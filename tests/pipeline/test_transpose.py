@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from autoseg.contracts.plans import load_plans
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.io import read_image, read_segmentation
-from autoseg.contracts.plans import load_plans
 from autoseg.preprocessing import load_case, preprocess_case, restore_segmentation
 from autoseg.preprocessing.case import preprocess_label
 

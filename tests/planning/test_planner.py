@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from autoseg import networks
+from autoseg.contracts.plans import Plans
 from autoseg.errors import ConfigurationError
 from autoseg.planning.planner import (
     choose_normalization,
@@ -12,7 +13,6 @@ from autoseg.planning.planner import (
     normalization_scheme,
     plan_from_fingerprint,
 )
-from autoseg.contracts.plans import Plans
 
 from tests.planning.helpers import crafted_fingerprint, uniform
 

@@ -7,10 +7,10 @@ import pytest
 
 from autoseg import networks
 from autoseg.cli import build_parser, main
+from autoseg.contracts.plans import Plans, load_plans
 from autoseg.dataset.synthetic import SyntheticSpec, generate
 from autoseg.errors import ConfigurationError
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.contracts.plans import Plans, load_plans
 from autoseg.planning.presets import PRESETS, get_preset, preset_memory
 
 from tests.planning.helpers import crafted_fingerprint, uniform

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from autoseg.errors import ConfigurationError
 from autoseg.contracts.splits import SPLITS_FILE, fold_cases, load_splits
+from autoseg.errors import ConfigurationError
 from autoseg.planning.splits import create_splits, make_splits
 
 IDS = [f"case_{i:03d}" for i in range(12)]

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
+from autoseg.contracts.plans import Plans, inverse_permutation, load_plans, save_plans
 from autoseg.errors import ConfigurationError
-from autoseg.contracts.plans import Plans, load_plans, save_plans
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.contracts.plans import inverse_permutation
 from autoseg.planning.spacing import coarse_axis_first
 from tests.planning.helpers import crafted_fingerprint, uniform
 

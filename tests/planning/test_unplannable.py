@@ -8,10 +8,10 @@ import json
 import pytest
 from torch import nn
 
+from autoseg.contracts.plans import Plans
 from autoseg.errors import ConfigurationError
 from autoseg.networks import registry
 from autoseg.planning.planner import format_plans_table, plan_from_fingerprint
-from autoseg.contracts.plans import Plans
 
 from tests.planning.helpers import crafted_fingerprint, uniform
 

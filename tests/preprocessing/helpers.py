@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.dataset.synthetic import LABELS, SyntheticSpec, generate
 from autoseg.contracts.plans import (
     ArchitectureSpec,
     Configuration,
@@ -14,6 +13,7 @@ from autoseg.contracts.plans import (
     Resampling,
     save_plans,
 )
+from autoseg.dataset.synthetic import LABELS, SyntheticSpec, generate
 
 DATASET = "Dataset901_Synth"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from autoseg.contracts.plans import IntensityStats
 from autoseg.dataset.cases import list_training_cases
 from autoseg.dataset.spec import load_dataset_spec
 from autoseg.dataset.synthetic import SyntheticSpec, generate, make_case
 from autoseg.io import Geometry, read_image, read_segmentation
-from autoseg.contracts.plans import IntensityStats
 from autoseg.preprocessing import preprocess_case, restore_probabilities, restore_segmentation
 from autoseg.preprocessing.case import CLASS_LOCATION_SAMPLES, sample_class_locations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.errors import ConfigurationError
 from autoseg.contracts.plans import IntensityStats
+from autoseg.errors import ConfigurationError
 from autoseg.preprocessing.normalization import normalize_channel
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.cli import main
-from autoseg.dataset.synthetic import SyntheticSpec
 from autoseg.contracts.plans import save_plans
+from autoseg.dataset.synthetic import SyntheticSpec
 from autoseg.preprocessing import is_complete, load_case, preprocess_dataset
 from autoseg.preprocessing.dataset import plan_digest
 from autoseg.preprocessing.store import case_provenance, input_record

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from autoseg.contracts.checkpoint import load_checkpoint
 from autoseg.contracts.plans import ArchitectureSpec, Configuration, Resampling
 from autoseg.training import train
 from autoseg.training.budget import (
@@ -18,7 +19,6 @@ from autoseg.training.budget import (
     with_stages,
     with_width,
 )
-from autoseg.contracts.checkpoint import load_checkpoint
 
 from .tiny_data import DATASET, build_tiny_dataset
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from autoseg.contracts.plans import Plans, Resampling, load_plans, save_plans
 from autoseg.errors import ConfigurationError, DatasetError
 from autoseg.io import Geometry, read_segmentation, write_segmentation
 from autoseg.paths import resolve_dataset
-from autoseg.contracts.plans import Plans, Resampling, load_plans, save_plans
 from autoseg.preprocessing.case import preprocess_case, preprocess_label
-from autoseg.training.augmentation import PreviousStageToData, RandomBinaryOperators, RemoveRandomComponent
 from autoseg.preprocessing.store import load_case
+from autoseg.training.augmentation import PreviousStageToData, RandomBinaryOperators, RemoveRandomComponent
 from autoseg.training.cascade import load_previous_stage, prepare_previous_stage, previous_stage_folder
 from autoseg.training.data import PatchSampler
 

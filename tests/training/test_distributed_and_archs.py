@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from autoseg import networks
-from autoseg.training import train
 from autoseg.contracts.checkpoint import load_checkpoint
+from autoseg.training import train
 
 from .tiny_data import DATASET, build_tiny_dataset
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from autoseg.contracts.checkpoint import load_checkpoint
 from autoseg.errors import BusyError, ConfigurationError, TrainingError, TrainingInterrupted
 from autoseg.training import train
-from autoseg.contracts.checkpoint import load_checkpoint
 
 from .tiny_data import DATASET, build_tiny_dataset
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from autoseg.contracts.checkpoint import load_checkpoint
 from autoseg.errors import (
     CheckpointError,
     ConfigurationError,
@@ -15,7 +16,6 @@ from autoseg.errors import (
     TrainingInterrupted,
 )
 from autoseg.training import train
-from autoseg.contracts.checkpoint import load_checkpoint
 
 from .tiny_data import DATASET, build_tiny_dataset
 

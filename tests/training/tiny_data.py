@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 
+from autoseg.contracts.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling, save_plans
 from autoseg.dataset.synthetic import LABELS, SyntheticSpec, generate
 from autoseg.fileio import write_json
 from autoseg.io import Geometry, read_image, read_segmentation
-from autoseg.contracts.plans import ArchitectureSpec, Configuration, IntensityStats, Plans, Resampling, save_plans
 from autoseg.preprocessing.store import CaseProperties, save_case
 
 DATASET = "Dataset990_Tiny"
