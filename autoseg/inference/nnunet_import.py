@@ -65,7 +65,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from autoseg import __version__
-from autoseg.errors import CheckpointError, ConfigurationError
+from autoseg.errors import CheckpointError, ConfigurationError, network_errors_as_configuration_errors
 from autoseg.fileio import read_json
 from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
 from autoseg.planning.plans import (
@@ -606,7 +606,8 @@ def read_nnunet_model(results_folder: str | os.PathLike, folds: Sequence[int | s
                               str(folder / "plans.json"))
     configuration = plans.configurations[configuration_name]
     spec = configuration.architecture
-    reference = networks.build(spec.name, plans.num_channels, plans.num_classes, **spec.build_kwargs)
+    with network_errors_as_configuration_errors():
+        reference = networks.build(spec.network_spec(plans.num_channels, plans.num_classes))
     expected = reference.state_dict()
     del reference
     imported: list[tuple[BundleFold, dict[str, torch.Tensor]]] = []

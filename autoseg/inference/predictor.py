@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from autoseg.device import choose_device, inference_amp_dtype
-from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
+from autoseg.errors import (
+    CheckpointError,
+    ConfigurationError,
+    ImageReadError,
+    network_errors_as_configuration_errors,
+)
 from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
 from autoseg.planning.plans import ArchitectureSpec, Configuration, Plans, Resampling, load_plans
@@ -102,9 +107,9 @@ def build_network(
     spec = configuration.architecture
     errors = []
     for deep_supervision in (False, True):
-        kwargs = dict(spec.build_kwargs)
-        kwargs["deep_supervision"] = deep_supervision
-        network = networks.build(spec.name, in_channels, num_classes, **kwargs)
+        with network_errors_as_configuration_errors():
+            network_spec = replace(spec.network_spec(in_channels, num_classes), deep_supervision=deep_supervision)
+            network = networks.build(network_spec)
         try:
             network.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:
