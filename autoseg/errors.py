@@ -6,6 +6,9 @@ is a bug and keeps its traceback. Messages say which file, what was expected, wh
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class AutosegError(Exception):
     """Base class of all errors meant for the user rather than the developer."""
@@ -54,3 +57,22 @@ class TrainingInterrupted(TrainingError):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextmanager
+def network_errors_as_configuration_errors() -> Iterator[None]:
+    """Inside the block, a ``autoseg.networks.NetworkError`` (an unknown architecture or option, a patch or
+    topology the registry refuses) becomes the :class:`ConfigurationError` users see, with the same text.
+
+    ``autoseg.networks`` imports nothing of autoseg outside itself, so it has its own error type; the stages
+    that build networks from a plan (planner, trainer, predictor, nnU-Net import) convert it at that boundary
+    instead of the CLI catching it, so their Python callers keep getting ConfigurationError and the CLI keeps
+    importing no stage (nor torch) before a command runs. Imported lazily: only code that is about to use the
+    networks enters this block.
+    """
+    from autoseg.networks.errors import NetworkError
+
+    try:
+        yield
+    except NetworkError as exc:
+        raise ConfigurationError(str(exc)) from exc

@@ -43,9 +43,9 @@ from autoseg.device import choose_device, configure_threads, inference_amp_dtype
 from autoseg.inference.sliding_window import sliding_window_predict
 cfg = json.loads(sys.argv[1]); configure_threads()
 device = choose_device(cfg["device"])
-net = networks.build("unet", cfg["in_channels"], cfg["num_classes"], patch_size=cfg["patch_size"],
-                     strides=cfg["strides"], kernel_sizes=cfg["kernel_sizes"], features=cfg["features"],
-                     deep_supervision=False).to(device).eval()
+net = networks.build(networks.NetworkSpec("unet", cfg["in_channels"], cfg["num_classes"], cfg["patch_size"],
+                                         cfg["strides"], cfg["kernel_sizes"], cfg["features"],
+                                         deep_supervision=False)).to(device).eval()
 torch.manual_seed(0)
 times = []
 with torch.inference_mode():

@@ -109,7 +109,7 @@ patch, batch = nn_config["patch_size"], nn_config["batch_size"]
 spec = ArchitectureSpec(name="unet", patch_size=patch, strides=arch["strides"], kernel_sizes=arch["kernel_sizes"],
                         features=arch["features_per_stage"], deep_supervision=True)
 from autoseg import networks
-network = networks.build("unet", 1, num_classes, **spec.build_kwargs)
+network = networks.build(spec.network_spec(1, num_classes))
 network.train()
 config = Configuration(name="3d_fullres", data_identifier="3d_fullres", dims=3, target_spacing=[1, 1, 1],
                        patch_size=patch, batch_size=batch, median_shape=patch, normalization=["zscore"],

@@ -211,8 +211,7 @@ def train_steps(plans: Any, configuration: Any, device: Any, steps: int, warmup:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     in_channels = plans.network_in_channels(configuration)
-    network = networks.build(configuration.architecture.name, in_channels, plans.num_classes,
-                             **configuration.architecture.build_kwargs).to(device)
+    network = networks.build(configuration.architecture.network_spec(in_channels, plans.num_classes)).to(device)
     network.train()
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     dtype = amp_dtype(device)

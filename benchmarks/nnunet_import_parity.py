@@ -96,9 +96,10 @@ def network_parity(nnunet_python: Path, workdir: Path) -> list[list[str]]:
         for name in ("unet", "resenc"):
             saved = torch.load(folder / f"{name}_{dims}d.pt", weights_only=True)
             options = {"blocks_per_stage": [1, 3, 2]} if name == "resenc" else {}
-            network = networks.build(name, 2, 3, patch_size=list(saved["x"].shape[2:]), strides=saved["strides"],
-                                     kernel_sizes=saved["kernels"], features=[4, 8, 16], deep_supervision=False,
-                                     **options)
+            network = networks.build(networks.NetworkSpec(
+                name, 2, 3, patch_size=list(saved["x"].shape[2:]), strides=saved["strides"],
+                kernel_sizes=saved["kernels"], features=[4, 8, 16], deep_supervision=False, options=options,
+            ))
             state = translate_state_dict(saved["weights"], name, network.state_dict(), name)
             network.load_state_dict(state, strict=True)
             with torch.no_grad():

@@ -1,6 +1,6 @@
 """Parameter counts of our ``resenc`` against nnU-Net's ResidualEncoderUNet at the same plans.
 
-For each reference topology the script builds our network (``autoseg.networks.build("resenc", ...)``, on the
+For each reference topology the script builds our network (``autoseg.networks.build`` of a "resenc" spec, on the
 ``meta`` device: shapes only) and, in a subprocess of nnU-Net's venv, nnU-Net 2.8.1's own class
 (``dynamic_network_architectures.architectures.unet.ResidualEncoderUNet``) with the arguments nnU-Net's ResEnc
 planners write into their plans: ``n_blocks_per_stage`` (1, 3, 4, 6, 6, ...) truncated, one conv per decoder
@@ -76,12 +76,12 @@ for t in json.load(sys.stdin):
 def ours(topology: Topology) -> int:
     import torch
 
-    from autoseg.networks import build
+    from autoseg.networks import NetworkSpec, build
     from autoseg.networks.summary import count_parameters
 
     with torch.device("meta"):
-        network = build("resenc", topology.in_channels, topology.num_classes, topology.patch_size,
-                        topology.strides, topology.kernel_sizes, topology.features)
+        network = build(NetworkSpec("resenc", topology.in_channels, topology.num_classes, topology.patch_size,
+                                    topology.strides, topology.kernel_sizes, topology.features))
     return int(count_parameters(network))
 
 

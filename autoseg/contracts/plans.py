@@ -110,8 +110,8 @@ class Resampling:
 
 @dataclass
 class ArchitectureSpec:
-    """The network of a configuration, as numbers. ``build_kwargs`` are passed to
-    ``autoseg.networks.build(name, in_channels, num_classes, **build_kwargs)``."""
+    """The network of a configuration, as numbers; :meth:`network_spec` gives what ``autoseg.networks.build``
+    takes."""
 
     name: str
     patch_size: list[int]
@@ -121,16 +121,14 @@ class ArchitectureSpec:
     deep_supervision: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def build_kwargs(self) -> dict[str, Any]:
-        return {
-            "patch_size": list(self.patch_size),
-            "strides": [list(s) for s in self.strides],
-            "kernel_sizes": [list(k) for k in self.kernel_sizes],
-            "features": list(self.features),
-            "deep_supervision": self.deep_supervision,
-            **self.options,
-        }
+    def network_spec(self, in_channels: int, num_classes: int) -> Any:
+        """The ``autoseg.networks.NetworkSpec`` of this architecture for ``in_channels`` inputs (see
+        ``Plans.network_in_channels``) and ``num_classes`` outputs. Imported here, not at module level: the
+        preprocessing workers import the plans and should not pay for torch."""
+        from autoseg.networks import NetworkSpec
+
+        return NetworkSpec(self.name, in_channels, num_classes, self.patch_size, self.strides, self.kernel_sizes,
+                           self.features, self.deep_supervision, self.options)
 
 
 @dataclass

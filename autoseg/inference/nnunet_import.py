@@ -75,7 +75,7 @@ from autoseg.contracts.plans import (
     Resampling,
     validate_plans_identifiers,
 )
-from autoseg.errors import CheckpointError, ConfigurationError
+from autoseg.errors import CheckpointError, ConfigurationError, network_errors_as_configuration_errors
 from autoseg.fileio import read_json
 from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
 
@@ -606,7 +606,8 @@ def read_nnunet_model(results_folder: str | os.PathLike, folds: Sequence[int | s
                               str(folder / "plans.json"))
     configuration = plans.configurations[configuration_name]
     spec = configuration.architecture
-    reference = networks.build(spec.name, plans.num_channels, plans.num_classes, **spec.build_kwargs)
+    with network_errors_as_configuration_errors():
+        reference = networks.build(spec.network_spec(plans.num_channels, plans.num_classes))
     expected = reference.state_dict()
     del reference
     imported: list[tuple[BundleFold, dict[str, torch.Tensor]]] = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,7 +28,12 @@ from torch import nn
 from autoseg.contracts.checkpoint import FINAL, CheckpointMetadata, load_checkpoint
 from autoseg.contracts.plans import Configuration, Plans, load_plans
 from autoseg.device import choose_device, inference_amp_dtype
-from autoseg.errors import CheckpointError, ConfigurationError, ImageReadError
+from autoseg.errors import (
+    CheckpointError,
+    ConfigurationError,
+    ImageReadError,
+    network_errors_as_configuration_errors,
+)
 from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
 from autoseg.preprocessing.case import RESTORE_SLAB_BYTES, restore_segmentation_in_slabs
@@ -89,9 +94,9 @@ def build_network(
     spec = configuration.architecture
     errors = []
     for deep_supervision in (False, True):
-        kwargs = dict(spec.build_kwargs)
-        kwargs["deep_supervision"] = deep_supervision
-        network = networks.build(spec.name, in_channels, num_classes, **kwargs)
+        with network_errors_as_configuration_errors():
+            network_spec = replace(spec.network_spec(in_channels, num_classes), deep_supervision=deep_supervision)
+            network = networks.build(network_spec)
         try:
             network.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:

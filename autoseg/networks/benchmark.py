@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from autoseg.networks import adjust_patch, available, build, get
+from autoseg.networks import NetworkSpec, adjust_patch, available, build, get
 from autoseg.networks.summary import activation_bytes, count_parameters, estimate_flops
 
 PLANS: dict[str, dict[str, Any]] = {
@@ -48,12 +48,12 @@ def _median_seconds(fn: Any, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _gpu_training_step(name: str, plan: dict[str, Any], in_channels: int, num_classes: int, batch: int) -> tuple[float, float]:
+def _gpu_training_step(spec: NetworkSpec, batch: int) -> tuple[float, float]:
     device = torch.device("cuda")
-    net = build(name, in_channels, num_classes, **plan).to(device).train()
+    net = build(spec).to(device).train()
     optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     scaler = torch.amp.GradScaler("cuda")
-    x = torch.randn(batch, in_channels, *plan["patch_size"], device=device)
+    x = torch.randn(batch, spec.in_channels, *spec.patch_size, device=device)
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
@@ -87,20 +87,20 @@ def benchmark(dims_key: str, in_channels: int = 1, num_classes: int = 3, names: 
         if dims not in get(name).dims:
             continue
         patch = adjust_patch(name, base["patch_size"], base["strides"], dims)
-        plan = dict(base, patch_size=patch)
+        spec = NetworkSpec(name, in_channels, num_classes, **dict(base, patch_size=patch))
         with torch.device("meta"):
-            meta_net = build(name, in_channels, num_classes, **plan)
+            meta_net = build(spec)
         params = count_parameters(meta_net)
         flops = estimate_flops(meta_net, (1, in_channels, *patch))
-        memory = activation_bytes(name, in_channels, num_classes, batch_size=2, **plan)
-        net = build(name, in_channels, num_classes, **plan).eval()
+        memory = activation_bytes(spec, batch_size=2)
+        net = build(spec).eval()
         x = torch.randn(1, in_channels, *patch)
         with torch.no_grad():
             seconds = _median_seconds(lambda: net(x), repeats=3)
         row = (f"| {name} | {'x'.join(map(str, patch))} | {params / 1e6:.2f} | {flops / 1e9:.1f} | "
                f"{memory / 1e9:.2f} | {seconds:.2f} |")
         if cuda:
-            step, peak = _gpu_training_step(name, plan, in_channels, num_classes, batch=2)
+            step, peak = _gpu_training_step(spec, batch=2)
             row += f" {step:.3f} | {peak:.2f} |"
         rows.append(row)
     return "\n".join(rows)

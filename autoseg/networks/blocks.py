@@ -173,6 +173,16 @@ def cumulative_strides(strides: Sequence[Sequence[int]]) -> list[tuple[int, ...]
     return out
 
 
+def nnunet_deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net v2's loss weights of ``num_outputs`` outputs (highest resolution first): ``1/2^i``, the lowest
+    resolution output gets 0 (when there are several), normalised to sum 1; [2/3, 1/3, 0] for three."""
+    weights = [1.0 / 2**i for i in range(num_outputs)]
+    if len(weights) > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 def avg_pool_class(dims: int) -> type[nn.Module]:
     """``nn.AvgPool2d`` or ``nn.AvgPool3d``."""
     return {2: nn.AvgPool2d, 3: nn.AvgPool3d}[_check_dims(dims)]

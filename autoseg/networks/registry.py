@@ -2,32 +2,25 @@
 
 The planner and trainer never switch on architecture names; they ask the registry.
 
-Build call (all per-axis values in array axis order: ``(Z, Y, X)`` in 3D, ``(Y, X)`` in 2D)::
+Build call::
 
-    build(name, in_channels, num_classes, patch_size, strides, kernel_sizes, features,
-          deep_supervision=True, **variant_options) -> nn.Module
+    build(spec: NetworkSpec) -> nn.Module
 
-``strides``, ``kernel_sizes`` and ``features`` describe the plain U-Net topology the planner derives
-(nnU-Net's topology: one entry per resolution stage, first stride all ones). Each variant maps it onto its
-own topology (architectures.md 6.1/6.2) and may take extra JSON-able ``variant_options``.
+:class:`~autoseg.networks.spec.NetworkSpec` holds the plain U-Net topology the planner derives (nnU-Net's
+topology: one entry per resolution stage, first stride all ones; per-axis values in array axis order), the
+channels, the classes, ``deep_supervision`` and the architecture's own JSON-able options. Each variant maps
+the topology onto its own (architectures.md 6.1/6.2). The builder registered for a name is called as
+``builder(in_channels, num_classes, patch_size, strides, kernel_sizes, features, deep_supervision, **options)``;
+its signature says which options the architecture takes.
 
-Protocol every built network follows
-------------------------------------
-- ``forward(x)`` returns logits (never softmax). With ``deep_supervision=True`` a list of tensors, highest
-  resolution first; with ``deep_supervision=False`` one tensor at the input resolution.
-- ``forward(x, return_features=True)`` returns ``(outputs, features)`` where ``features`` is a dict
-  ``{"encoder": [tensors], "decoder": [tensors], "final": tensor}`` (architectures.md 5.6): the maps the
-  SelfReg losses (:mod:`autoseg.networks.selfreg`) read. ``final`` is the full-resolution map fed to the
-  segmentation head. Only networks registered with ``supports_selfreg=True`` promise this.
-- ``network.ds_scales``: per output, the per-axis scale relative to the input (``1`` = full resolution),
-  so the trainer can downsample targets without knowing the architecture.
-- ``network.ds_weights``: the default loss weight per output (sums to 1), as each paper uses them.
-- ``network.patch_size``: the patch it was built for (a hard requirement for fixed-size networks).
+What every built network provides (logits, deep-supervision scales and weights, SelfReg features, patch size,
+the spec) is the :class:`~autoseg.networks.protocol.SegmentationNetwork` protocol, documented in
+:mod:`autoseg.networks.protocol`; ``build`` refuses a network that breaks its stated values.
 
 Constraints
 -----------
 ``constraints(name, patch_size, dims, strides=None, **options)`` lists readable problems (empty = accepted);
-``check_patch`` raises :class:`autoseg.errors.ConfigurationError` naming the architecture, the patch and
+``check_patch`` raises :class:`autoseg.networks.errors.NetworkError` naming the architecture, the patch and
 the fix. ``patch_divisor`` gives the per-axis multiple a patch must be of, and ``adjust_patch`` rounds a
 patch to the nearest accepted one, so the planner can search patch sizes without knowing the architecture.
 ``constraint_options(name, options)`` picks, from a configuration's build options, the ones to pass to these
@@ -45,7 +38,9 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from autoseg.errors import ConfigurationError
+from autoseg.networks.errors import NetworkError
+from autoseg.networks.protocol import protocol_problems
+from autoseg.networks.spec import NetworkSpec
 
 Builder = Callable[..., nn.Module]
 ConstraintFn = Callable[..., list[str]]
@@ -117,11 +112,11 @@ def available() -> list[str]:
 
 
 def get(name: str) -> ArchitectureInfo:
-    """The :class:`ArchitectureInfo` of ``name``; unknown names raise ConfigurationError listing the choices."""
+    """The :class:`ArchitectureInfo` of ``name``; unknown names raise NetworkError listing the choices."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigurationError(
+        raise NetworkError(
             f"unknown architecture {name!r}; available: {', '.join(available())}"
         ) from None
 
@@ -149,7 +144,7 @@ def _check_options(info: ArchitectureInfo, fn: Callable[..., Any], options: dict
             n for n, p in params.items()
             if p.default is not inspect.Parameter.empty and n not in ("deep_supervision", "strides")
         )
-        raise ConfigurationError(
+        raise NetworkError(
             f"architecture {info.name!r} has no option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(allowed) or 'none'}"
         )
@@ -181,7 +176,7 @@ def patch_divisor(
     """Per-axis multiple that a patch must be of for ``name`` with this topology."""
     info = get(name)
     if dims not in info.dims:
-        raise ConfigurationError(f"{name} supports {info.dims}D only, not {dims}D")
+        raise NetworkError(f"{name} supports {info.dims}D only, not {dims}D")
     _check_options(info, info.divisor, options)
     return tuple(int(d) for d in info.divisor(strides, dims, **options))
 
@@ -196,7 +191,7 @@ def adjust_patch(
     """The accepted patch nearest to ``patch_size``: each axis rounded to the nearest multiple of the divisor
     (at least one multiple). If other constraints (token counts, windows) still fail, the smallest-volume
     patch that grows each axis by at most 4 divisor steps and is accepted is returned; else
-    ConfigurationError.
+    NetworkError.
     """
     divisor = patch_divisor(name, strides, dims, **options)
     patch = tuple(max(d, int(round(p / d)) * d) for p, d in zip(patch_size, divisor))
@@ -210,7 +205,7 @@ def adjust_patch(
         if not constraints(name, candidate, dims, strides=strides, **options):
             return candidate
     problems = constraints(name, patch, dims, strides=strides, **options)
-    raise ConfigurationError(
+    raise NetworkError(
         f"architecture {name!r}: no accepted patch near {tuple(patch_size)}: {'; '.join(problems)}"
     )
 
@@ -222,7 +217,7 @@ def check_patch(
     strides: Sequence[Sequence[int]] | None = None,
     **options: Any,
 ) -> None:
-    """Raise ConfigurationError when ``name`` cannot use ``patch_size``; the message names the fix."""
+    """Raise NetworkError when ``name`` cannot use ``patch_size``; the message names the fix."""
     problems = constraints(name, patch_size, dims, strides=strides, **options)
     if not problems:
         return
@@ -232,9 +227,9 @@ def check_patch(
             divisor = patch_divisor(name, strides, dims, **options)
             suggestion = adjust_patch(name, patch_size, strides, dims, **options)
             fix = f"use a multiple of {divisor} per axis, e.g. patch {suggestion}"
-        except ConfigurationError:
+        except NetworkError:
             pass
-    raise ConfigurationError(
+    raise NetworkError(
         f"architecture {name!r} cannot use patch {tuple(patch_size)}: {'; '.join(problems)}. Fix: {fix}"
     )
 
@@ -247,54 +242,48 @@ def _validate_topology(
 ) -> None:
     dims = len(patch_size)
     if not (len(strides) == len(kernel_sizes) == len(features)):
-        raise ConfigurationError(
+        raise NetworkError(
             f"topology lists differ in length: {len(strides)} strides, {len(kernel_sizes)} kernel sizes, "
             f"{len(features)} feature counts (one entry per stage expected)"
         )
     for what, values in (("strides", strides), ("kernel_sizes", kernel_sizes)):
         for stage, value in enumerate(values):
             if len(value) != dims:
-                raise ConfigurationError(
+                raise NetworkError(
                     f"{what}[{stage}] = {list(value)} has {len(value)} axes; the patch {tuple(patch_size)} has {dims}"
                 )
     if any(s != 1 for s in strides[0]):
-        raise ConfigurationError(f"the first stage must have stride 1 on every axis, got {list(strides[0])}")
+        raise NetworkError(f"the first stage must have stride 1 on every axis, got {list(strides[0])}")
 
 
-def build(
-    name: str,
-    in_channels: int,
-    num_classes: int,
-    patch_size: Sequence[int],
-    strides: Sequence[Sequence[int]],
-    kernel_sizes: Sequence[Sequence[int]],
-    features: Sequence[int],
-    deep_supervision: bool = True,
-    **variant_options: Any,
-) -> nn.Module:
-    """Build architecture ``name`` for this topology (see the module docstring for the protocol).
+def build(spec: NetworkSpec) -> nn.Module:
+    """Build the network ``spec`` describes: the one door to every architecture.
 
-    The patch is checked first, so an invalid plan fails here with a message naming the fix rather than deep
-    inside a forward pass.
+    The topology and the patch are checked first, so an invalid plan fails here with a message naming the fix
+    rather than deep inside a forward pass; the built network carries ``spec`` and is checked against the
+    :class:`~autoseg.networks.protocol.SegmentationNetwork` protocol's stated values.
     """
-    info = get(name)
-    patch_size = tuple(int(p) for p in patch_size)
-    strides = [tuple(int(s) for s in stage) for stage in strides]
-    kernel_sizes = [tuple(int(k) for k in stage) for stage in kernel_sizes]
-    features = [int(f) for f in features]
-    _validate_topology(patch_size, strides, kernel_sizes, features)
-    _check_options(info, info.builder, variant_options)
-    check_patch(name, patch_size, len(patch_size), strides=strides, **constraint_options(name, variant_options))
-    return info.builder(
-        in_channels=int(in_channels),
-        num_classes=int(num_classes),
-        patch_size=patch_size,
-        strides=strides,
-        kernel_sizes=kernel_sizes,
-        features=features,
-        deep_supervision=bool(deep_supervision),
-        **variant_options,
+    info = get(spec.name)
+    _validate_topology(spec.patch_size, spec.strides, spec.kernel_sizes, spec.features)
+    options = dict(spec.options)
+    _check_options(info, info.builder, options)
+    check_patch(spec.name, spec.patch_size, spec.dims, strides=spec.strides, **constraint_options(spec.name, options))
+    network = info.builder(
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        patch_size=spec.patch_size,
+        strides=list(spec.strides),
+        kernel_sizes=list(spec.kernel_sizes),
+        features=list(spec.features),
+        deep_supervision=spec.deep_supervision,
+        **options,
     )
+    network.spec = spec
+    problems = protocol_problems(network, spec)
+    if problems:
+        # a bug of the architecture, not of the plan: no user can fix it
+        raise TypeError(f"architecture {spec.name!r} breaks the SegmentationNetwork protocol: {'; '.join(problems)}")
+    return network
 
 
 def constraint_options(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from autoseg.networks.blocks import (
     conv_class,
     cumulative_strides,
     init_kaiming,
+    nnunet_deep_supervision_weights,
     strided_unet_constraints,
     transposed_conv_class,
 )
@@ -43,7 +44,7 @@ def default_blocks_per_stage(num_stages: int) -> list[int]:
 
 
 class ResidualEncoderUNet(nn.Module):
-    """nnU-Net's residual-encoder U-Net. See the registry module docstring for the forward protocol.
+    """nnU-Net's residual-encoder U-Net; a :class:`~autoseg.networks.protocol.SegmentationNetwork`.
 
     ``blocks_per_stage``: residual blocks per encoder stage (None: :func:`default_blocks_per_stage`);
     ``norm``: "instance" (nnU-Net), "batch" or "none"; ``activation``: "leaky_relu" (nnU-Net) or "relu".
@@ -107,14 +108,14 @@ class ResidualEncoderUNet(nn.Module):
             # a head on every decoder stage even without deep supervision, as unet (checkpoints load either way)
             self.heads.append(conv_class(dims)(features[s - 1], num_classes, 1, bias=True))
 
-        scales = cumulative_strides(strides)[: n_stages - 1]
-        self.ds_scales: list[tuple[float, ...]] = [tuple(1.0 / f for f in factor) for factor in scales]
-        # nnU-Net v2: weights 1/2^i, the lowest-resolution output gets 0, normalised to sum 1 (as unet)
-        weights = [1.0 / 2**i for i in range(n_stages - 1)]
-        if len(weights) > 1:
-            weights[-1] = 0.0
-        total = sum(weights)
-        self.ds_weights: list[float] = [w / total for w in weights]
+        # protocol members, as unet: decoder stages 0 .. n-2 at 1/cumprod(strides) with deep supervision,
+        # else the one full-resolution output
+        self.ds_scales: list[tuple[float, ...]] = [(1.0,) * dims]
+        self.ds_weights: list[float] = [1.0]
+        if deep_supervision:
+            scales = cumulative_strides(strides)[: n_stages - 1]
+            self.ds_scales = [tuple(1.0 / f for f in factor) for factor in scales]
+            self.ds_weights = nnunet_deep_supervision_weights(n_stages - 1)
 
         # Kaiming on every conv; ResidualBlock has already zeroed its last norm, which this leaves alone
         self.apply(init_kaiming)

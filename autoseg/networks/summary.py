@@ -12,13 +12,14 @@ tensor has a batch axis, so the bytes are linear in the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autoseg.networks.registry import build
+from autoseg.networks.spec import NetworkSpec
 
 TRACE_BATCH = 2  # a training step's smallest batch (the planner's minimum); see the module docstring
 
@@ -95,20 +96,9 @@ def saved_activation_elements(model: nn.Module, input_shape: Sequence[int]) -> t
     return totals[0], totals[1]
 
 
-def activation_bytes(
-    name: str,
-    in_channels: int,
-    num_classes: int,
-    patch_size: Sequence[int],
-    batch_size: int,
-    strides: Sequence[Sequence[int]],
-    kernel_sizes: Sequence[Sequence[int]],
-    features: Sequence[int],
-    dtype_bytes: int = 2,
-    deep_supervision: bool = True,
-    **options: Any,
-) -> int:
-    """Bytes of activations one training step of ``name`` keeps for backward at this patch and batch.
+def activation_bytes(spec: NetworkSpec, batch_size: int, dtype_bytes: int = 2) -> int:
+    """Bytes of activations one training step of the network ``spec`` keeps for backward at its patch and
+    ``batch_size``.
 
     Builds the network on the ``meta`` device and traces one forward pass (see
     :func:`saved_activation_elements`) at ``max(batch_size, TRACE_BATCH)``; a batch of 1 is half the trace
@@ -116,11 +106,8 @@ def activation_bytes(
     optimiser state are not included: see :func:`parameter_bytes`.
     """
     with torch.device("meta"):
-        model = build(
-            name, in_channels, num_classes, patch_size, strides, kernel_sizes, features,
-            deep_supervision=deep_supervision, **options,
-        )
-    return training_activation_bytes(model, in_channels, patch_size, batch_size, dtype_bytes)
+        model = build(spec)
+    return training_activation_bytes(model, spec.in_channels, spec.patch_size, batch_size, dtype_bytes)
 
 
 def training_activation_bytes(

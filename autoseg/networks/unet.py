@@ -18,6 +18,7 @@ from autoseg.networks.blocks import (
     conv_class,
     cumulative_strides,
     init_kaiming,
+    nnunet_deep_supervision_weights,
     strided_unet_constraints,
     transposed_conv_class,
 )
@@ -28,7 +29,7 @@ MIN_BOTTLENECK_VOXELS = 2
 
 
 class PlainConvUNet(nn.Module):
-    """nnU-Net's plain U-Net. See the registry module docstring for the forward protocol.
+    """nnU-Net's plain U-Net; a :class:`~autoseg.networks.protocol.SegmentationNetwork`.
 
     ``norm``: "instance" (nnU-Net), "batch" or "none"; ``activation``: "leaky_relu" (nnU-Net) or "relu";
     ``dropout``: channel dropout after each conv block (0 in nnU-Net).
@@ -88,15 +89,14 @@ class PlainConvUNet(nn.Module):
             # checkpoint loads either way and parameter counts match the published 31.21 M
             self.heads.append(conv_class(dims)(features[s - 1], num_classes, 1, bias=True))
 
-        # outputs highest resolution first: decoder stages 0 .. n-2 at 1/cumprod(strides)
-        scales = cumulative_strides(strides)[: n_stages - 1]
-        self.ds_scales: list[tuple[float, ...]] = [tuple(1.0 / f for f in factor) for factor in scales]
-        # nnU-Net v2: weights 1/2^i, the lowest-resolution output gets 0, normalised to sum 1
-        weights = [1.0 / 2**i for i in range(n_stages - 1)]
-        if len(weights) > 1:
-            weights[-1] = 0.0
-        total = sum(weights)
-        self.ds_weights: list[float] = [w / total for w in weights]
+        # protocol members: outputs highest resolution first, decoder stages 0 .. n-2 at 1/cumprod(strides);
+        # without deep supervision the one full-resolution output
+        self.ds_scales: list[tuple[float, ...]] = [(1.0,) * dims]
+        self.ds_weights: list[float] = [1.0]
+        if deep_supervision:
+            scales = cumulative_strides(strides)[: n_stages - 1]
+            self.ds_scales = [tuple(1.0 / f for f in factor) for factor in scales]
+            self.ds_weights = nnunet_deep_supervision_weights(n_stages - 1)
 
         self.apply(init_kaiming)
 

@@ -214,7 +214,9 @@ def _stem_sub_block(in_ch: int, out_ch: int, last: bool) -> list[nn.Module]:
 
 
 class UNet2022(nn.Module):
-    """UNet-2022 (2D). Options: ``size`` tiny/base/large (E 96/128/192) or ``embed_dim``; ``stem`` 4 or 8;
+    """UNet-2022 (2D), a :class:`~autoseg.networks.protocol.SegmentationNetwork`.
+
+    Options: ``size`` tiny/base/large (E 96/128/192) or ``embed_dim``; ``stem`` 4 or 8;
     ``windows`` (4 stage windows, int or (y, x); default from the patch, see :func:`default_windows`);
     ``drop_path_rate`` (0.2, section 2.3)."""
 
@@ -277,7 +279,8 @@ class UNet2022(nn.Module):
             self.decoder.append(UNet2022Stage(widths[i], heads[i], windows[i], sizes[i], rates))
             self.heads.append(self._head(widths[i], num_classes, stem))
 
-        # heads give logits at 1/4, 1/2, 1 of the input (2.6); returned highest resolution first
+        # protocol members: heads give logits at 1/4, 1/2, 1 of the input (2.6), returned highest resolution
+        # first; without deep supervision only the full-resolution one
         self.ds_scales: list[tuple[float, ...]] = [(1.0, 1.0), (0.5, 0.5), (0.25, 0.25)]
         self.ds_weights: list[float] = [4 / 7, 2 / 7, 1 / 7]
         if not deep_supervision:

@@ -26,7 +26,7 @@ from autoseg.networks.unet import unet_constraints
 
 
 class UNetPlusPlus(nn.Module):
-    """UNet++ with ``L = len(features) - 1`` levels. See the registry docstring for the forward protocol.
+    """UNet++ with ``L = len(features) - 1`` levels. A :class:`~autoseg.networks.protocol.SegmentationNetwork`.
 
     ``prune_depth`` (1..L, default L): compute only the sub-network ``UNet++ L_d`` (nodes ``i + j <= d``)
     and predict from ``X[0][d]`` (4.2: pruning means not computing the deeper nodes, not zeroing weights).
@@ -102,7 +102,8 @@ class UNetPlusPlus(nn.Module):
         self.prune_depth = depth
         if prune_depth is not None:
             self.prune(prune_depth)
-        # all outputs are full resolution; the paper sums per-head losses with equal weights (4.2)
+        # protocol members: all outputs are full resolution; the paper sums per-head losses with equal weights
+        # (4.2). They describe the training outputs: pruned or "accurate" inference returns fewer.
         n_out = depth if deep_supervision else 1
         self.ds_scales: list[tuple[float, ...]] = [(1.0,) * dims for _ in range(n_out)]
         self.ds_weights: list[float] = [1.0 / n_out] * n_out

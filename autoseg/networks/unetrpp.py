@@ -212,7 +212,8 @@ class TransformerBlock(nn.Module):
 
 
 class UNETRPlusPlus(nn.Module):
-    """UNETR++ built for exactly one ``patch_size`` (see the module docstring)."""
+    """UNETR++ built for exactly one ``patch_size`` (see the module docstring); a
+    :class:`~autoseg.networks.protocol.SegmentationNetwork`."""
 
     def __init__(
         self,
@@ -268,7 +269,8 @@ class UNETRPlusPlus(nn.Module):
         self.upsample_last = nn.ConvTranspose3d(WIDTHS[0], FULL_RESOLUTION_FEATURES, stem, stride=stem, bias=False)
         self.decoder_last = ResidualConvBlock(FULL_RESOLUTION_FEATURES, FULL_RESOLUTION_FEATURES, "instance_noaffine")
 
-        # heads on the 16- (full), 32- (P/s0) and 64-channel (P/(s0*s1)) maps, 3.5; DS heads only with DS
+        # heads on the 16- (full), 32- (P/s0) and 64-channel (P/(s0*s1)) maps, 3.5; DS heads only with DS.
+        # ds_scales/ds_weights are the protocol's members, for the outputs that exist
         self.head = nn.Conv3d(FULL_RESOLUTION_FEATURES, num_classes, 1)
         if deep_supervision:
             self.head_32 = nn.Conv3d(WIDTHS[0], num_classes, 1)

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing autoseg.networks imports torch, which this module defers (see _traced)
+    from autoseg.networks import NetworkSpec
 
 
 BUDGET_FRACTION = 4.7e9 / (8 * 2**30)  # of the GPU memory; see the module docstring
@@ -37,26 +40,10 @@ def memory_budget_bytes(gpu_memory_gb: float) -> int:
     return int(gpu_memory_gb * GIB * BUDGET_FRACTION)
 
 
-def _freeze(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    return value
-
-
 @functools.lru_cache(maxsize=4096)
-def _traced(
-    architecture: str,
-    in_channels: int,
-    num_classes: int,
-    patch_size: tuple[int, ...],
-    strides: tuple[tuple[int, ...], ...],
-    kernel_sizes: tuple[tuple[int, ...], ...],
-    features: tuple[int, ...],
-    options: tuple[tuple[str, Any], ...],
-) -> tuple[int, int]:
-    """(activation bytes of ONE sample, parameter+gradient+optimiser bytes), cached per network and patch."""
+def _traced(spec: NetworkSpec) -> tuple[int, int]:
+    """(activation bytes of ONE sample, parameter+gradient+optimiser bytes), cached per network spec (the
+    spec hashes its numbers and options, so the patch search traces each candidate once)."""
     # torch is imported here, not at module level: preprocessing workers import autoseg.planning (for the
     # plans dataclasses) and should not pay the ~1.6 s torch import per process.
     import torch
@@ -64,54 +51,29 @@ def _traced(
     from autoseg.networks import build
     from autoseg.networks.summary import TRACE_BATCH, parameter_bytes, training_activation_bytes
 
-    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options}
     with torch.device("meta"):
-        model = build(
-            architecture, in_channels, num_classes, list(patch_size),
-            [list(s) for s in strides], [list(k) for k in kernel_sizes], list(features), **kwargs,
-        )
+        model = build(spec)
     # a training step at the smallest batch the planner gives (2), per sample: batch-statistics layers
     # see the batch they will see in training, and the bytes are linear in the batch
-    per_batch = training_activation_bytes(model, in_channels, patch_size, TRACE_BATCH, ACTIVATION_DTYPE_BYTES)
+    per_batch = training_activation_bytes(
+        model, spec.in_channels, spec.patch_size, TRACE_BATCH, ACTIVATION_DTYPE_BYTES
+    )
     return int(round(per_batch / TRACE_BATCH)), int(parameter_bytes(model, OPTIMIZER_STATES))
 
 
-def memory_components(
-    architecture: str,
-    in_channels: int,
-    num_classes: int,
-    patch_size: Sequence[int],
-    strides: Sequence[Sequence[int]],
-    kernel_sizes: Sequence[Sequence[int]],
-    features: Sequence[int],
-    options: dict[str, Any] | None = None,
-) -> tuple[int, int]:
-    """``(per_sample_activation_bytes, fixed_bytes)`` of a network at ``patch_size`` (voxels, array order).
+def memory_components(spec: NetworkSpec) -> tuple[int, int]:
+    """``(per_sample_activation_bytes, fixed_bytes)`` of the network ``spec`` at its patch (voxels, array
+    order).
 
     Activations scale with the batch (every saved tensor has a batch axis); ``fixed_bytes`` (parameters,
     gradients, momentum, fp32) do not.
     """
-    return _traced(
-        architecture, int(in_channels), int(num_classes), tuple(int(p) for p in patch_size),
-        _freeze(strides), _freeze(kernel_sizes), tuple(int(f) for f in features), _freeze(options or {}),
-    )
+    return _traced(spec)
 
 
-def training_memory_bytes(
-    architecture: str,
-    in_channels: int,
-    num_classes: int,
-    patch_size: Sequence[int],
-    batch_size: int,
-    strides: Sequence[Sequence[int]],
-    kernel_sizes: Sequence[Sequence[int]],
-    features: Sequence[int],
-    options: dict[str, Any] | None = None,
-) -> int:
+def training_memory_bytes(spec: NetworkSpec, batch_size: int) -> int:
     """Estimated bytes of one training step: fixed bytes + ``batch_size`` x per-sample activations."""
-    per_sample, fixed = memory_components(
-        architecture, in_channels, num_classes, patch_size, strides, kernel_sizes, features, options
-    )
+    per_sample, fixed = memory_components(spec)
     return fixed + batch_size * per_sample
 
 

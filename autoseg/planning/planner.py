@@ -31,7 +31,7 @@ from autoseg.contracts.plans import (
     Plans,
     Resampling,
 )
-from autoseg.errors import ConfigurationError
+from autoseg.errors import ConfigurationError, network_errors_as_configuration_errors
 from autoseg.planning.memory import batch_size_for_budget, memory_budget_bytes, memory_components
 from autoseg.planning.presets import get_preset
 from autoseg.planning.spacing import (
@@ -136,7 +136,8 @@ class NetworkPlan:
 
 
 class _Search:
-    """The pieces of the patch search that depend on the architecture (all through the registry)."""
+    """The pieces of the patch search that depend on the architecture (all through the registry, whose
+    NetworkError becomes the planner's ConfigurationError here)."""
 
     def __init__(self, architecture: str, spacing: Sequence[float], in_channels: int, num_classes: int,
                  options: dict[str, Any]) -> None:
@@ -150,28 +151,34 @@ class _Search:
         self.num_classes = num_classes
         self.options = options
         # the registry decides which build options its constraint/divisor functions read
-        self.constraint_options = networks.constraint_options(architecture, options)
+        with network_errors_as_configuration_errors():
+            self.constraint_options = networks.constraint_options(architecture, options)
 
     def accepted(self, patch: Sequence[float]) -> tuple[Topology, tuple[int, ...]]:
         """Topology for ``patch`` and the nearest patch the architecture accepts with it."""
         topology = plan_topology(self.spacing, patch)
-        adjusted = self.networks.adjust_patch(
-            self.architecture, topology.patch_size, topology.strides, self.dims, **self.constraint_options
-        )
+        with network_errors_as_configuration_errors():
+            adjusted = self.networks.adjust_patch(
+                self.architecture, topology.patch_size, topology.strides, self.dims, **self.constraint_options
+            )
         if tuple(adjusted) != topology.patch_size:
             topology = replace(topology, patch_size=tuple(int(p) for p in adjusted))
         return topology, topology.patch_size
 
     def divisor(self, topology: Topology) -> tuple[int, ...]:
-        return self.networks.patch_divisor(
-            self.architecture, topology.strides, self.dims, **self.constraint_options
-        )
+        with network_errors_as_configuration_errors():
+            return self.networks.patch_divisor(
+                self.architecture, topology.strides, self.dims, **self.constraint_options
+            )
 
     def memory(self, topology: Topology) -> tuple[int, int]:
-        return memory_components(
-            self.architecture, self.in_channels, self.num_classes, topology.patch_size,
-            topology.strides, topology.kernel_sizes, topology.features, self.options,
-        )
+        # traced with deep supervision on, as every configuration is planned (and trained) with it
+        with network_errors_as_configuration_errors():
+            spec = self.networks.NetworkSpec(
+                self.architecture, self.in_channels, self.num_classes, topology.patch_size, topology.strides,
+                topology.kernel_sizes, topology.features, deep_supervision=True, options=self.options,
+            )
+            return memory_components(spec)
 
 
 def _shrink_order(patch: Sequence[int], median_shape: Sequence[float]) -> list[int]:
@@ -384,7 +391,8 @@ def _architectures(requested: Sequence[str] | None) -> list[str]:
     if requested is None:
         return networks.available()
     for name in requested:
-        networks.get(name)  # ConfigurationError listing the choices for unknown names
+        with network_errors_as_configuration_errors():
+            networks.get(name)  # ConfigurationError listing the choices for unknown names
     return list(dict.fromkeys(requested))
 
 

@@ -75,7 +75,7 @@ from autoseg.training.cascade import (
 )
 from autoseg.training.data import PatchSampler
 from autoseg.training.loader import BatchLoader
-from autoseg.training.losses import deep_supervision_loss, deep_supervision_weights
+from autoseg.training.losses import deep_supervision_loss
 from autoseg.training.progress import (
     Curves,
     append_log,
@@ -184,9 +184,10 @@ def _epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
 
 def build_network(plans: Plans, config: Configuration) -> nn.Module:
     from autoseg import networks
+    from autoseg.errors import network_errors_as_configuration_errors
 
-    return networks.build(config.architecture.name, plans.network_in_channels(config), plans.num_classes,
-                          **config.architecture.build_kwargs)
+    with network_errors_as_configuration_errors():  # same one-line message as before networks had their own error
+        return networks.build(config.architecture.network_spec(plans.network_in_channels(config), plans.num_classes))
 
 
 def _load_pretrained(network: nn.Module, path: str | os.PathLike) -> None:
@@ -519,10 +520,9 @@ def _train_fold(location, plans, config, fold, train_ids, val_ids, store, output
         model = torch.compile(model)
 
     # data: enlarged patches -> augmentation -> centre crop; deep-supervision targets at the network's scales
+    # (SegmentationNetwork protocol: without deep supervision one full-resolution scale of weight 1)
     dims = config.dims
-    deep = bool(config.architecture.deep_supervision)
-    ds_scales = list(getattr(network, "ds_scales", [(1.0,) * dims])) if deep else [(1.0,) * dims]
-    ds_weights = list(getattr(network, "ds_weights", deep_supervision_weights(len(ds_scales)))) if deep else [1.0]
+    ds_scales, ds_weights = list(network.ds_scales), list(network.ds_weights)
     settings = augmentation_settings(config.patch_size)
     batch_size = distributed.split_batch(config.batch_size, context)
     train_sampler = PatchSampler(store, distributed.shard(train_ids, context),
@@ -932,8 +932,7 @@ def _resumed_configuration(output: Path) -> tuple[Configuration, BudgetChoice, l
 
 
 def _random_batch(network: nn.Module, config: Configuration, in_channels: int, num_classes: int, batch_size: int):
-    scales = list(getattr(network, "ds_scales", [(1.0,) * config.dims])) if config.architecture.deep_supervision \
-        else [(1.0,) * config.dims]
+    scales = list(network.ds_scales)  # the SegmentationNetwork protocol's, with or without deep supervision
     generator = torch.Generator().manual_seed(0)
     data = torch.randn((batch_size, in_channels, *config.patch_size), generator=generator)
     targets = [torch.randint(0, num_classes, (batch_size, 1, *[max(1, round(p * f)) for p, f in
@@ -950,7 +949,7 @@ def _measure_step(plans: Plans, config: Configuration, device: torch.device, aut
     optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     dtype = getattr(torch, autocast) if autocast else amp_dtype(device)
     batch = _random_batch(network, config, plans.network_in_channels(config), plans.num_classes, config.batch_size)
-    weights = list(getattr(network, "ds_weights", [1.0])) if config.architecture.deep_supervision else [1.0]
+    weights = list(network.ds_weights)
     times = []
     for i in range(3):
         start = time.monotonic()

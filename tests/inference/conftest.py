@@ -57,7 +57,7 @@ def build_tiny_network(plans: Plans, seed: int = 0) -> nn.Module:
 
     configuration = next(iter(plans.configurations.values()))
     torch.manual_seed(seed)
-    return networks.build("unet", plans.num_channels, plans.num_classes, **configuration.architecture.build_kwargs)
+    return networks.build(configuration.architecture.network_spec(plans.num_channels, plans.num_classes))
 
 
 def write_fake_checkpoint(path: Path, plans: Plans, fold: int = 0, seed: int = 0) -> Path:

@@ -283,7 +283,7 @@ def cascade_root(base: Path) -> Path:
         configuration = plans.configurations[name]
         for fold in folds:
             torch.manual_seed(20 + fold + in_channels)
-            network = networks.build("unet", in_channels, 3, **configuration.architecture.build_kwargs)
+            network = networks.build(configuration.architecture.network_spec(in_channels, 3))
             path = root / "results" / DATASET / f"{name}__unet" / f"fold_{fold}" / "checkpoint_final.pt"
             path.parent.mkdir(parents=True)
             torch.save({"format": "autoseg-checkpoint", "format_version": 1, "network": network.state_dict(),

@@ -90,8 +90,10 @@ def our_network(configuration: str, architecture: str = "unet", seed: int = 0) -
     torch.manual_seed(seed)
     top = TOPOLOGY[configuration]
     options = {"blocks_per_stage": RESENC_BLOCKS} if architecture == "resenc" else {}
-    network = networks.build(architecture, 2, 3, patch_size=top["patch_size"], strides=top["strides"],
-                             kernel_sizes=top["kernel_sizes"], features=FEATURES, deep_supervision=True, **options)
+    network = networks.build(networks.NetworkSpec(
+        architecture, 2, 3, patch_size=top["patch_size"], strides=top["strides"], kernel_sizes=top["kernel_sizes"],
+        features=FEATURES, deep_supervision=True, options=options,
+    ))
     with torch.no_grad():
         for parameter in network.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)

@@ -185,9 +185,10 @@ def test_float16_accumulator_close_to_float32() -> None:
     from autoseg import networks
 
     torch.manual_seed(0)
-    network = networks.build("unet", 1, 12, patch_size=[8, 16, 16], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                             kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], features=[4, 8, 16],
-                             deep_supervision=False).eval()
+    network = networks.build(networks.NetworkSpec(
+        "unet", 1, 12, patch_size=[8, 16, 16], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+        kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], features=[4, 8, 16], deep_supervision=False,
+    )).eval()
     data = torch.randn(1, 16, 32, 32)
     with torch.inference_mode():
         half = sliding_window_predict(network, data, (8, 16, 16), 3, 12, mirror=False)

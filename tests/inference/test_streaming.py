@@ -31,11 +31,14 @@ CLASSES = 5
 def _tiny_unet(dims: int, seed: int, classes: int = CLASSES) -> nn.Module:
     torch.manual_seed(seed)
     if dims == 3:
-        return networks.build("unet", 1, classes, patch_size=[8, 16, 16], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                              kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], features=[4, 8, 16],
-                              deep_supervision=True).eval()
-    return networks.build("unet", 1, classes, patch_size=[16, 16], strides=[[1, 1], [2, 2], [2, 2]],
-                          kernel_sizes=[[3, 3], [3, 3], [3, 3]], features=[4, 8, 16], deep_supervision=True).eval()
+        return networks.build(networks.NetworkSpec(
+            "unet", 1, classes, patch_size=[8, 16, 16], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+            kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], features=[4, 8, 16], deep_supervision=True,
+        )).eval()
+    return networks.build(networks.NetworkSpec(
+        "unet", 1, classes, patch_size=[16, 16], strides=[[1, 1], [2, 2], [2, 2]],
+        kernel_sizes=[[3, 3], [3, 3], [3, 3]], features=[4, 8, 16], deep_supervision=True,
+    )).eval()
 
 
 def _whole_volume_reference(folds, data, patch, dims, batch_size) -> torch.Tensor:

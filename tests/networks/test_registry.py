@@ -1,8 +1,17 @@
 import pytest
 import torch
 
-from autoseg.errors import ConfigurationError
-from autoseg.networks import adjust_patch, available, build, check_patch, constraints, get, patch_divisor
+from autoseg.networks import (
+    NetworkError,
+    NetworkSpec,
+    adjust_patch,
+    available,
+    build,
+    check_patch,
+    constraints,
+    get,
+    patch_divisor,
+)
 
 from .tiny_plans import TINY_3D
 
@@ -16,7 +25,7 @@ def test_available_lists_unet():
 
 
 def test_unknown_name_lists_choices():
-    with pytest.raises(ConfigurationError, match="available: .*unet"):
+    with pytest.raises(NetworkError, match="available: .*unet"):
         get("vnet")
 
 
@@ -59,7 +68,7 @@ def test_constraint_options_keep_what_the_constraint_and_divisor_functions_read(
 def test_constraints_reject_with_clear_message():
     problems = constraints("unet", (40, 50, 48), 3, strides=STRIDES)
     assert problems and "axis 1 size 50 is not divisible by 8" in problems[0]
-    with pytest.raises(ConfigurationError) as excinfo:
+    with pytest.raises(NetworkError) as excinfo:
         check_patch("unet", (40, 50, 48), 3, strides=STRIDES)
     message = str(excinfo.value)
     assert "'unet'" in message and "(40, 50, 48)" in message and "Fix:" in message and "(40, 48, 48)" in message
@@ -72,16 +81,16 @@ def test_wrong_dimensionality_is_rejected():
 
 def test_build_rejects_invalid_patch_and_unknown_option():
     plan = dict(TINY_3D, patch_size=(8, 15, 12))
-    with pytest.raises(ConfigurationError, match="not divisible"):
-        build("unet", 1, 2, **plan)
-    with pytest.raises(ConfigurationError, match="no option.*nrom"):
-        build("unet", 1, 2, nrom="batch", **TINY_3D)
+    with pytest.raises(NetworkError, match="not divisible"):
+        build(NetworkSpec("unet", 1, 2, **plan))
+    with pytest.raises(NetworkError, match="no option.*nrom"):
+        build(NetworkSpec("unet", 1, 2, **TINY_3D, options=dict(nrom="batch")))
 
 
 def test_build_rejects_mismatched_topology():
     plan = dict(TINY_3D, features=[4, 8])
-    with pytest.raises(ConfigurationError, match="differ in length"):
-        build("unet", 1, 2, **plan)
+    with pytest.raises(NetworkError, match="differ in length"):
+        build(NetworkSpec("unet", 1, 2, **plan))
 
 
 def test_every_architecture_builds_on_meta_from_the_common_topology():
@@ -97,7 +106,7 @@ def test_every_architecture_builds_on_meta_from_the_common_topology():
             plan = plans[dims]
             patch = adjust_patch(name, plan["patch_size"], plan["strides"], dims)
             with torch.device("meta"):
-                net = build(name, 1, 3, **dict(plan, patch_size=patch))
+                net = build(NetworkSpec(name, 1, 3, **dict(plan, patch_size=patch)))
                 outputs = net(torch.zeros(1, 1, *patch))
             assert outputs[0].shape == (1, 3, *patch), name
 
@@ -116,7 +125,7 @@ def test_every_architecture_runs_under_autocast(name, plan, options):
     # AMP safety: mixed dtypes inside attention (fp32 temperatures/biases vs bf16 activations) must not clash
     dims = len(plan["patch_size"])
     plan = dict(plan, strides=[[1] * dims, [2] * dims], kernel_sizes=[[3] * dims] * 2, features=[4, 8])
-    net = build(name, 1, 2, **plan, **options)
+    net = build(NetworkSpec(name, 1, 2, **plan, options=options))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = net(torch.randn(1, 1, *plan["patch_size"]))
     assert outputs[0].dtype == torch.bfloat16 and torch.isfinite(outputs[0].float()).all()
@@ -126,7 +135,7 @@ def test_every_architecture_runs_under_autocast(name, plan, options):
 def test_unet_compiles_without_graph_breaks():
     # torch.compile-ability: one full graph (aot_eager needs no C++ toolchain; the other architectures pass the
     # same check, see docs/architectures.md, but take 20-70 s each on 2 CPU cores)
-    net = build("unet", 1, 2, **TINY_3D).eval()
+    net = build(NetworkSpec("unet", 1, 2, **TINY_3D)).eval()
     x = torch.randn(1, 1, *TINY_3D["patch_size"])
     compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
     with torch.no_grad():

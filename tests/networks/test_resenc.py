@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from autoseg import networks
-from autoseg.errors import ConfigurationError
-from autoseg.networks import build
+from autoseg.networks import NetworkError, NetworkSpec, build
 from autoseg.networks.blocks import ResidualBlock
 from autoseg.networks.resenc import default_blocks_per_stage
 from autoseg.networks.summary import count_parameters
@@ -21,7 +20,7 @@ def test_blocks_per_stage_follow_nnunet_and_truncate():
 
 @pytest.mark.parametrize("plan", [TINY_3D, TINY_2D], ids=["3d", "2d"])
 def test_forward_backward_and_deep_supervision_shapes(plan):
-    net = build("resenc", 2, 3, deep_supervision=True, **plan)
+    net = build(NetworkSpec("resenc", 2, 3, deep_supervision=True, **plan))
     x = torch.randn(2, 2, *plan["patch_size"])
     outputs = net(x)
     assert len(outputs) == len(plan["features"]) - 1 == len(net.ds_scales) == len(net.ds_weights)
@@ -36,13 +35,13 @@ def test_forward_backward_and_deep_supervision_shapes(plan):
 
 @pytest.mark.parametrize("plan", [TINY_3D, TINY_2D], ids=["3d", "2d"])
 def test_without_deep_supervision_returns_full_resolution_logits(plan):
-    net = build("resenc", 1, 4, deep_supervision=False, **plan).eval()
+    net = build(NetworkSpec("resenc", 1, 4, deep_supervision=False, **plan)).eval()
     out = net(torch.randn(1, 1, *plan["patch_size"]))
     assert isinstance(out, torch.Tensor) and out.shape == (1, 4, *plan["patch_size"])
 
 
 def test_encoder_is_residual_with_the_stride_in_the_first_block():
-    net = build("resenc", 1, 2, **TINY_3D)
+    net = build(NetworkSpec("resenc", 1, 2, **TINY_3D))
     assert [len(stage) for stage in net.encoder] == [1, 3, 4][: len(TINY_3D["features"])]
     first = net.encoder[1][0]
     assert isinstance(first, ResidualBlock)
@@ -70,14 +69,14 @@ def test_a_block_that_keeps_channels_but_strides_only_pools():
 
 
 def test_blocks_per_stage_option_and_its_validation():
-    net = build("resenc", 1, 2, blocks_per_stage=[2, 2, 1], **TINY_2D)
+    net = build(NetworkSpec("resenc", 1, 2, **TINY_2D, options=dict(blocks_per_stage=[2, 2, 1])))
     assert [len(stage) for stage in net.encoder] == [2, 2, 1]
     with pytest.raises(ValueError, match="one entry >= 1 per stage"):
-        build("resenc", 1, 2, blocks_per_stage=[1, 1], **TINY_2D)
+        build(NetworkSpec("resenc", 1, 2, **TINY_2D, options=dict(blocks_per_stage=[1, 1])))
 
 
 def test_features_for_selfreg():
-    net = build("resenc", 1, 2, **TINY_3D)
+    net = build(NetworkSpec("resenc", 1, 2, **TINY_3D))
     outputs, features = net(torch.randn(1, 1, *TINY_3D["patch_size"]), return_features=True)
     assert len(outputs) == 2
     assert [f.shape[1] for f in features["encoder"]] == [8, 16]
@@ -93,8 +92,8 @@ def test_constraints_as_the_plain_unet():
     # one bottleneck voxel: instance norm has one value per channel
     assert "bottleneck" in networks.constraints("resenc", (2, 4, 4), 3, strides=strides)[0]
     assert networks.patch_divisor("resenc", strides, 3) == (2, 4, 4)
-    with pytest.raises(ConfigurationError, match="resenc"):
-        build("resenc", 1, 2, (8, 16, 10), strides, TINY_3D["kernel_sizes"], TINY_3D["features"])
+    with pytest.raises(NetworkError, match="resenc"):
+        build(NetworkSpec("resenc", 1, 2, (8, 16, 10), strides, TINY_3D["kernel_sizes"], TINY_3D["features"]))
 
 
 # nnU-Net 2.8.1's ResidualEncoderUNet built with the same plan and counted by benchmarks/resenc_parameters.py
@@ -110,13 +109,13 @@ def test_constraints_as_the_plain_unet():
 ], ids=["3d-6-stages", "2d-7-stages", "3d-anisotropic", "tiny-3d"])
 def test_parameter_count_equals_nnunets(args, expected):
     with torch.device("meta"):
-        net = build("resenc", *args)
+        net = build(NetworkSpec("resenc", *args))
     assert count_parameters(net) == expected
 
 
 def test_meta_device_forward():
     with torch.device("meta"):
-        net = build("resenc", 1, 2, **TINY_3D)
+        net = build(NetworkSpec("resenc", 1, 2, **TINY_3D))
         outputs = net(torch.zeros(2, 1, *TINY_3D["patch_size"]))
     assert outputs[0].device.type == "meta" and outputs[0].shape == (2, 2, *TINY_3D["patch_size"])
 

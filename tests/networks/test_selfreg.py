@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from autoseg.networks import adjust_patch, available, build, get
+from autoseg.networks import NetworkSpec, adjust_patch, available, build, get
 from autoseg.networks.selfreg import (
     internal_distillation_loss,
     selfreg_loss,
@@ -78,7 +78,7 @@ def test_selfreg_loss_weights_by_hand():
 @pytest.mark.parametrize("name", ["unet", "unetpp"])
 def test_selfreg_on_registered_networks_backpropagates(name):
     assert get(name).supports_selfreg
-    net = build(name, 1, 2, **TINY_3D)
+    net = build(NetworkSpec(name, 1, 2, **TINY_3D))
     outputs, features = net(torch.randn(2, 1, *TINY_3D["patch_size"]), return_features=True)
     loss = selfreg_loss(features, generator=torch.Generator().manual_seed(0))
     assert loss.item() > 0
@@ -102,7 +102,7 @@ def test_every_selfreg_architecture_returns_the_feature_dict():
             plan = dict(plans[dims])
             plan["patch_size"] = adjust_patch(name, plan["patch_size"], plan["strides"], dims)
             with torch.device("meta"):
-                net = build(name, 1, 2, **plan)
+                net = build(NetworkSpec(name, 1, 2, **plan))
                 _, features = net(torch.zeros(1, 1, *plan["patch_size"]), return_features=True)
                 loss = selfreg_loss(features)
             assert features["encoder"] and features["decoder"], name

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from autoseg.networks import build
+from autoseg.networks import NetworkSpec, build
 from autoseg.networks.summary import (
     activation_bytes,
     count_parameters,
@@ -35,18 +35,18 @@ def test_flops_of_a_single_conv():
 
 def test_flops_on_meta_network():
     with torch.device("meta"):
-        net = build("unet", 1, 2, **PLAN_3D)
+        net = build(NetworkSpec("unet", 1, 2, **PLAN_3D))
     assert estimate_flops(net, (1, 1, *PLAN_3D["patch_size"])) > 1e9
 
 
 def test_activation_bytes_scale_with_batch_and_dtype_and_are_fast():
     start = time.perf_counter()
-    one = activation_bytes("unet", 1, 2, batch_size=1, **PLAN_3D)
+    one = activation_bytes(NetworkSpec("unet", 1, 2, **PLAN_3D), batch_size=1)
     elapsed = time.perf_counter() - start
     assert elapsed < 0.5
-    two = activation_bytes("unet", 1, 2, batch_size=2, **PLAN_3D)
+    two = activation_bytes(NetworkSpec("unet", 1, 2, **PLAN_3D), batch_size=2)
     assert two == 2 * one
-    fp32 = activation_bytes("unet", 1, 2, batch_size=1, dtype_bytes=4, **PLAN_3D)
+    fp32 = activation_bytes(NetworkSpec("unet", 1, 2, **PLAN_3D), batch_size=1, dtype_bytes=4)
     assert fp32 == 2 * one
 
 
@@ -55,7 +55,7 @@ def test_activation_bytes_match_a_hand_count_for_one_stage():
     # (norm input), the norm output (leaky relu, in place: saved once as its result). So at least 2 maps of
     # the output size per conv block; and the estimate must not exceed a generous upper bound.
     plan = dict(patch_size=(16, 16), strides=[[1, 1], [2, 2]], kernel_sizes=[[3, 3], [3, 3]], features=[8, 16])
-    measured = activation_bytes("unet", 1, 2, batch_size=1, dtype_bytes=1, **plan)
+    measured = activation_bytes(NetworkSpec("unet", 1, 2, **plan), batch_size=1, dtype_bytes=1)
     full, half = 16 * 16, 8 * 8
     maps = 2 * 8 * full + 2 * 16 * half + 2 * 8 * full  # encoder stage 0, stage 1, decoder stage
     assert 2 * maps <= measured <= 5 * maps

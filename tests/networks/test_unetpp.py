@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from autoseg.errors import ConfigurationError
-from autoseg.networks import build, check_patch
+from autoseg.networks import NetworkError, NetworkSpec, build, check_patch
 from autoseg.networks.summary import count_parameters
 
 from .tiny_plans import TINY_2D, TINY_3D
@@ -13,14 +12,14 @@ ORIGINAL_FILTERS = [32, 64, 128, 256, 512]
 def _original(depth: int, deep_supervision: bool = False):
     # architectures.md 4.1: original 2D UNet++ = max-pool down, ReLU, dropout 0.5, no normalisation
     with torch.device("meta"):
-        return build("unetpp", 1, 1, (96, 96), [[1, 1]] + [[2, 2]] * depth, [[3, 3]] * (depth + 1),
-                     ORIGINAL_FILTERS[: depth + 1], deep_supervision=deep_supervision, norm="none",
-                     activation="relu", dropout=0.5, downsample="maxpool")
+        return build(NetworkSpec("unetpp", 1, 1, (96, 96), [[1, 1]] + [[2, 2]] * depth, [[3, 3]] * (depth + 1),
+                                 ORIGINAL_FILTERS[: depth + 1], deep_supervision=deep_supervision,
+                                 options=dict(norm="none", activation="relu", dropout=0.5, downsample="maxpool")))
 
 
 @pytest.mark.parametrize("plan", [TINY_3D, TINY_2D], ids=["3d", "2d"])
 def test_forward_backward_all_heads_full_resolution(plan):
-    net = build("unetpp", 2, 3, **plan).train()
+    net = build(NetworkSpec("unetpp", 2, 3, **plan)).train()
     outputs = net(torch.randn(2, 2, *plan["patch_size"]))
     depth = len(plan["features"]) - 1
     assert len(outputs) == depth == len(net.ds_scales)
@@ -31,7 +30,7 @@ def test_forward_backward_all_heads_full_resolution(plan):
 
 
 def test_without_deep_supervision_single_output():
-    net = build("unetpp", 1, 2, deep_supervision=False, **TINY_3D)
+    net = build(NetworkSpec("unetpp", 1, 2, deep_supervision=False, **TINY_3D))
     assert net(torch.randn(1, 1, *TINY_3D["patch_size"])).shape == (1, 2, *TINY_3D["patch_size"])
 
 
@@ -45,7 +44,7 @@ def test_published_parameter_count_and_pruned_sizes():
 
 
 def test_pruned_inference_computes_only_the_subnetwork():
-    net = build("unetpp", 1, 2, **TINY_3D).eval()
+    net = build(NetworkSpec("unetpp", 1, 2, **TINY_3D)).eval()
     x = torch.randn(1, 1, *TINY_3D["patch_size"])
     with torch.no_grad():
         full = net(x)
@@ -64,13 +63,13 @@ def test_pruned_inference_computes_only_the_subnetwork():
 
 
 def test_pruning_needs_deep_supervision_heads():
-    net = build("unetpp", 1, 2, deep_supervision=False, **TINY_3D)
+    net = build(NetworkSpec("unetpp", 1, 2, deep_supervision=False, **TINY_3D))
     with pytest.raises(ValueError, match="deep_supervision"):
         net.prune(1)
 
 
 def test_accurate_mode_averages_head_probabilities():
-    net = build("unetpp", 1, 2, inference_mode="accurate", **TINY_2D).eval()
+    net = build(NetworkSpec("unetpp", 1, 2, **TINY_2D, options=dict(inference_mode="accurate"))).eval()
     x = torch.randn(1, 1, *TINY_2D["patch_size"])
     with torch.no_grad():
         (logits,) = net(x)
@@ -81,17 +80,17 @@ def test_accurate_mode_averages_head_probabilities():
 
 
 def test_features_and_constraints():
-    net = build("unetpp", 1, 2, **TINY_3D)
+    net = build(NetworkSpec("unetpp", 1, 2, **TINY_3D))
     _, features = net(torch.randn(1, 1, *TINY_3D["patch_size"]), return_features=True)
     assert len(features["encoder"]) == 2  # X[1][0], X[2][0]
     assert len(features["decoder"]) == 2  # X[1][1], X[0][1]; X[0][2] is final
     assert features["final"].shape[1] == TINY_3D["features"][0]
-    with pytest.raises(ConfigurationError, match="unetpp.*not divisible"):
+    with pytest.raises(NetworkError, match="unetpp.*not divisible"):
         check_patch("unetpp", (8, 16, 10), 3, strides=TINY_3D["strides"])
 
 
 def test_meta_forward():
     with torch.device("meta"):
-        net = build("unetpp", 1, 2, **TINY_3D)
+        net = build(NetworkSpec("unetpp", 1, 2, **TINY_3D))
         outputs = net(torch.zeros(1, 1, *TINY_3D["patch_size"]))
     assert outputs[0].shape == (1, 2, *TINY_3D["patch_size"])

@@ -1,19 +1,28 @@
 import pytest
 import torch
 
-from autoseg.errors import ConfigurationError
-from autoseg.networks import adjust_patch, build, check_patch, constraints, get, patch_divisor
+from autoseg.networks import (
+    NetworkError,
+    NetworkSpec,
+    adjust_patch,
+    build,
+    check_patch,
+    constraints,
+    get,
+    patch_divisor,
+)
 from autoseg.networks.summary import count_parameters
 from autoseg.networks.unetrpp import map_topology
 
 IGNORED = dict(strides=[[1, 1, 1], [2, 2, 2]], kernel_sizes=[[3, 3, 3]] * 2, features=[32, 64])
 # a small anisotropic plan: stem (1, 2, 2), the coarse axis never halved (stage shapes 8x16x16 .. 8x2x2)
-TINY = dict(patch_size=(8, 32, 32), stem_stride=(1, 2, 2), stage_strides=[(1, 2, 2)] * 3)
+TINY = dict(patch_size=(8, 32, 32))
+TINY_OPTIONS = dict(stem_stride=(1, 2, 2), stage_strides=[(1, 2, 2)] * 3)
 
 
 @pytest.mark.parametrize("variant", ["synapse", "acdc", "brats"])
 def test_forward_backward_tiny_anisotropic(variant):
-    net = build("unetrpp", 2, 3, variant=variant, **TINY, **IGNORED).train()
+    net = build(NetworkSpec("unetrpp", 2, 3, **TINY, **IGNORED, options=dict(TINY_OPTIONS, variant=variant))).train()
     outputs = net(torch.randn(1, 2, 8, 32, 32))
     # heads on the 16- (full), 32- (P / stem) and 64-channel (P / (stem * first stage stride)) maps
     assert [tuple(o.shape) for o in outputs] == [(1, 3, 8, 32, 32), (1, 3, 8, 16, 16), (1, 3, 8, 8, 8)]
@@ -24,7 +33,7 @@ def test_forward_backward_tiny_anisotropic(variant):
 
 
 def test_fixed_patch_size_is_enforced_with_a_clear_message():
-    net = build("unetrpp", 1, 2, deep_supervision=False, **TINY, **IGNORED)
+    net = build(NetworkSpec("unetrpp", 1, 2, deep_supervision=False, **TINY, **IGNORED, options=TINY_OPTIONS))
     assert get("unetrpp").fixed_patch_size
     with pytest.raises(ValueError, match=r"built for patch \(8, 32, 32\).*training patch"):
         net(torch.randn(1, 1, 8, 64, 32))
@@ -32,8 +41,9 @@ def test_fixed_patch_size_is_enforced_with_a_clear_message():
 
 def test_faithful_order_differs_from_correct_order():
     torch.manual_seed(0)
-    a = build("unetrpp", 1, 2, **TINY, **IGNORED).eval()
-    b = build("unetrpp", 1, 2, faithful_sa_order=True, **TINY, **IGNORED).eval()
+    a = build(NetworkSpec("unetrpp", 1, 2, **TINY, **IGNORED, options=TINY_OPTIONS)).eval()
+    b = build(NetworkSpec("unetrpp", 1, 2, **TINY, **IGNORED,
+                          options=dict(TINY_OPTIONS, faithful_sa_order=True))).eval()
     b.load_state_dict(a.state_dict())
     attention_a, attention_b = a.encoder[1][0].attention, b.encoder[1][0].attention
     tokens = torch.randn(1, 8 * 8 * 8, 64)
@@ -55,7 +65,8 @@ def test_faithful_order_differs_from_correct_order():
 def test_published_parameter_counts(patch, variant, stem, in_channels, classes, expected, shapes):
     # architectures.md 6.3 (DS heads included, as in the vectors); built and traced on meta: no memory
     with torch.device("meta"):
-        net = build("unetrpp", in_channels, classes, patch, variant=variant, stem_stride=stem, **IGNORED)
+        net = build(NetworkSpec("unetrpp", in_channels, classes, patch, **IGNORED,
+                                options=dict(variant=variant, stem_stride=stem)))
         outputs = net(torch.zeros(1, in_channels, *patch))
     assert abs(count_parameters(net) - expected) / expected < 0.1
     assert count_parameters(net) == expected  # our implementation reproduces them exactly
@@ -80,7 +91,7 @@ def test_topology_mapping_from_the_plain_unet_plan():
 
 def test_constraints_reject_invalid_patches():
     assert "3D only" in constraints("unetrpp", (64, 64), 2)[0]
-    with pytest.raises(ConfigurationError, match=r"'unetrpp' cannot use patch \(60, 128, 128\).*divisible"):
+    with pytest.raises(NetworkError, match=r"'unetrpp' cannot use patch \(60, 128, 128\).*divisible"):
         check_patch("unetrpp", (60, 128, 128), 3, stem_stride=(2, 4, 4))
     # a small patch is accepted as it is (the projection size is capped at the token count instead) as long as
     # its bottleneck holds 2 voxels
@@ -109,8 +120,7 @@ def test_projection_is_capped_at_the_token_count_for_small_patches():
     from autoseg.networks.unetrpp import projection_size
 
     assert projection_size(64, 4096) == 64 and projection_size(64, 16) == 16
-    model = build("unetrpp", 1, 3, patch_size=(32, 64, 64), strides=IGNORED["strides"],
-                           kernel_sizes=IGNORED["kernel_sizes"], features=IGNORED["features"], stem_stride=(2, 4, 4))
+    model = build(NetworkSpec("unetrpp", 1, 3, patch_size=(32, 64, 64), **IGNORED, options=dict(stem_stride=(2, 4, 4))))
     projections = [m.project_keys.out_features for m in model.modules() if hasattr(m, "project_keys")]
     tokens = [m.project_keys.in_features for m in model.modules() if hasattr(m, "project_keys")]
     assert min(tokens) < 32 and all(p == min(64, n) or p == min(32, n) for p, n in zip(projections, tokens))
@@ -139,7 +149,7 @@ def _reference_epa(attention, x):
 
 @pytest.mark.parametrize("variant", ["synapse", "acdc", "brats"])
 def test_epa_matches_explicit_formulas(variant):
-    net = build("unetrpp", 1, 2, variant=variant, **TINY, **IGNORED).eval()
+    net = build(NetworkSpec("unetrpp", 1, 2, **TINY, **IGNORED, options=dict(TINY_OPTIONS, variant=variant))).eval()
     attention = net.encoder[1][0].attention
     with torch.no_grad():
         attention.temperature_spatial.uniform_(0.5, 2.0)  # distinct per-head temperatures

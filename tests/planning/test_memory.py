@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from autoseg.networks import NetworkSpec
 from autoseg.planning.memory import memory_budget_bytes, memory_components, training_memory_bytes
 from autoseg.planning.topology import plan_topology
 
@@ -28,8 +29,8 @@ def nnunet_feature_map_elements(patch, strides, features, num_classes):
 def test_calibration_holds_bytes_per_nnunet_element(spacing, patch):
     # memory.py's calibration assumes 3.99 traced bytes per nnU-Net element on the plain U-Net
     topology = plan_topology(spacing, patch)
-    per_sample, _ = memory_components("unet", 1, 3, topology.patch_size, topology.strides,
-                                      topology.kernel_sizes, topology.features)
+    per_sample, _ = memory_components(NetworkSpec("unet", 1, 3, topology.patch_size, topology.strides,
+                                                  topology.kernel_sizes, topology.features))
     elements = nnunet_feature_map_elements(topology.patch_size, topology.strides, topology.features, 3)
     assert per_sample / elements == pytest.approx(3.99, rel=0.01)
 
@@ -47,8 +48,8 @@ def test_memory_grows_with_patch_and_batch():
     assert small.strides == large.strides[: len(small.strides)]
 
     def estimate(topology, batch):
-        return training_memory_bytes("unet", 1, 2, topology.patch_size, batch, topology.strides,
-                                     topology.kernel_sizes, topology.features)
+        return training_memory_bytes(NetworkSpec("unet", 1, 2, topology.patch_size, topology.strides,
+                                                 topology.kernel_sizes, topology.features), batch)
 
     assert estimate(small, 2) > estimate(small, 1)
     assert estimate(small, 4) - estimate(small, 2) == 2 * (estimate(small, 2) - estimate(small, 1))

@@ -179,7 +179,7 @@ def test_every_registered_architecture_is_planned_and_runs_on_the_meta_device():
         spec = config.architecture
         assert not networks.constraints(spec.name, spec.patch_size, config.dims, strides=spec.strides)
         with torch.device("meta"):
-            model = networks.build(spec.name, 1, 3, **spec.build_kwargs)
+            model = networks.build(spec.network_spec(1, 3))
             outputs = model(torch.zeros(2, 1, *config.patch_size))
         first = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
         assert tuple(first.shape) == (2, 3, *config.patch_size), name
@@ -204,3 +204,16 @@ def test_every_architecture_fits_the_budget_on_large_2d_images():
         fixed_and_batch = config.memory_estimate_bytes
         assert fixed_and_batch <= budget * 1.05 or config.batch_size == 2, (name, config.notes)
         assert not any("no smaller patch is possible" in note for note in config.notes), (name, config.notes)
+
+
+def test_a_planned_configuration_gives_the_network_spec_its_memory_estimate_was_traced_on():
+    from autoseg.planning.memory import training_memory_bytes
+
+    fp = crafted_fingerprint(*uniform(20, (1.0, 1.0, 1.0), (64, 64, 64)))
+    full = plan_unet(fp, configurations=["3d_fullres"]).configurations["3d_fullres"]
+    spec = full.architecture.network_spec(1, 3)  # one channel, three labels (helpers.crafted_fingerprint)
+    assert spec == networks.NetworkSpec("unet", 1, 3, full.patch_size, full.architecture.strides,
+                                        full.architecture.kernel_sizes, full.architecture.features, True, {})
+    assert networks.NetworkSpec.from_json(spec.to_json()) == spec
+    # the plan's estimate is the memory trace of exactly this spec at the planned batch
+    assert full.memory_estimate_bytes == training_memory_bytes(spec, full.batch_size)

@@ -90,7 +90,7 @@ def check_plan_runs(architecture: str, plan, in_channels: int) -> None:
     args = (architecture, in_channels, NUM_CLASSES, patch, topology.strides, topology.kernel_sizes,
             topology.features)
     with torch.device("meta"):
-        network = networks.build(*args, **plan.options)
+        network = networks.build(networks.NetworkSpec(*args, options=plan.options))
     network.train()
     _check_outputs(network, network(torch.zeros(plan.batch_size, in_channels, *patch, device="meta")),
                    plan.batch_size, patch)
@@ -99,7 +99,7 @@ def check_plan_runs(architecture: str, plan, in_channels: int) -> None:
         _check_outputs(network, network(torch.zeros(1, in_channels, *patch, device="meta")), 1, patch)
     if math.prod(patch) <= REAL_FORWARD_MAX_VOXELS[dims]:
         torch.manual_seed(0)
-        network = networks.build(*args, **plan.options).eval()
+        network = networks.build(networks.NetworkSpec(*args, options=plan.options)).eval()
         with torch.no_grad():
             outputs = network(torch.randn(1, in_channels, *patch))
         _check_outputs(network, outputs, 1, patch)

@@ -23,11 +23,14 @@ def _needs_huge_patch(patch_size, dims, strides=None, **_):
 
 
 class _FailsInTraining(nn.Module):
-    """Stands for a network whose constraints miss a case: its forward raises, as batch norm did."""
+    """Stands for a network whose constraints miss a case: it keeps the SegmentationNetwork protocol (so it
+    builds), but its forward raises, as batch norm did."""
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, patch_size) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, num_classes, 1)
+        self.patch_size = tuple(patch_size)
+        self.ds_scales, self.ds_weights = [(1.0,) * len(patch_size)], [1.0]
 
     def forward(self, x):
         raise ValueError("Expected more than 1 value per channel when training")
@@ -35,7 +38,7 @@ class _FailsInTraining(nn.Module):
 
 def _fails_in_training(in_channels, num_classes, patch_size, strides, kernel_sizes, features,
                        deep_supervision=True):
-    return _FailsInTraining(in_channels, num_classes)
+    return _FailsInTraining(in_channels, num_classes, patch_size)
 
 
 @pytest.fixture
