@@ -60,19 +60,16 @@ class TrainingInterrupted(TrainingError):
 
 
 @contextmanager
-def network_errors_as_configuration_errors() -> Iterator[None]:
-    """Inside the block, a ``autoseg.networks.NetworkError`` (an unknown architecture or option, a patch or
-    topology the registry refuses) becomes the :class:`ConfigurationError` users see, with the same text.
+def reraised_as(target: type[AutosegError], *sources: type[BaseException]) -> Iterator[None]:
+    """Inside the block, an exception of one of ``sources`` becomes ``target`` with the same text.
 
-    ``autoseg.networks`` imports nothing of autoseg outside itself, so it has its own error type; the stages
-    that build networks from a plan (planner, trainer, predictor, nnU-Net import) convert it at that boundary
-    instead of the CLI catching it, so their Python callers keep getting ConfigurationError and the CLI keeps
-    importing no stage (nor torch) before a command runs. Imported lazily: only code that is about to use the
-    networks enters this block.
+    For packages with their own error type: ``autoseg.networks`` imports nothing of autoseg outside itself, so
+    the stages that build networks from a plan (planner, trainer, predictor, nnU-Net import) turn its
+    ``NetworkError`` into the :class:`ConfigurationError` users see at that boundary, with
+    ``reraised_as(ConfigurationError, NetworkError)``; their Python callers keep getting ConfigurationError and
+    the CLI keeps importing no stage (nor torch) before a command runs.
     """
-    from autoseg.networks.errors import NetworkError
-
     try:
         yield
-    except NetworkError as exc:
-        raise ConfigurationError(str(exc)) from exc
+    except sources as exc:
+        raise target(str(exc)) from exc

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.errors import ConfigurationError, network_errors_as_configuration_errors
+from autoseg.errors import ConfigurationError, reraised_as
 from autoseg.networks import NetworkError, get
 from tests.inference.conftest import make_plans
 
 
 def test_a_network_error_becomes_a_configuration_error_with_the_same_text():
     with pytest.raises(ConfigurationError) as caught:
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, NetworkError):
             get("vnet")
     assert isinstance(caught.value.__cause__, NetworkError)
     assert str(caught.value) == str(caught.value.__cause__)
     assert str(caught.value).startswith("unknown architecture 'vnet'; available: ") and "\n" not in str(caught.value)
     with pytest.raises(KeyError):  # anything else passes through untouched
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, NetworkError):
             raise KeyError("not a network problem")
 
 

@@ -28,7 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     **{name: set(BASE[:index]) for index, name in enumerate(BASE)},
     "io": set(BASE),
     "dataset": {"io", *BASE},
-    "contracts": {"errors", "fileio", "paths"},  # plus numpy/torch/cc3d; never a stage
+    # plus numpy/torch/cc3d; never a stage. networks: the plans turn an architecture entry into the NetworkSpec
+    # the networks package owns (networks import nothing of autoseg, so this makes no cycle)
+    "contracts": {"errors", "fileio", "paths", "networks"},
     "networks": set(),  # torch only
     "planning": {"contracts", "dataset", "io", "networks", *BASE},
     "preprocessing": {"contracts", "dataset", "io", *BASE},
@@ -202,8 +204,8 @@ def test_the_scanner_sees_lazy_relative_and_from_imports(tmp_path):
 
 @pytest.mark.parametrize("source, module, expected", [
     ("training", "autoseg.evaluation.metrics", True),
-    ("training", "autoseg.evaluation.evaluate", False),
-    ("training", "autoseg.evaluation", False),
+    ("training", "autoseg.evaluation.evaluate", True),
+    ("training", "autoseg.inference", True),
     ("inference", "autoseg.training.checkpoint", False),
     ("contracts", "autoseg.planning.spacing", False),
     ("contracts", "autoseg.device", False),

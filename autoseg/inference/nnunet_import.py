@@ -75,7 +75,7 @@ from autoseg.contracts.plans import (
     Resampling,
     validate_plans_identifiers,
 )
-from autoseg.errors import CheckpointError, ConfigurationError, network_errors_as_configuration_errors
+from autoseg.errors import CheckpointError, ConfigurationError, reraised_as
 from autoseg.fileio import read_json
 from autoseg.inference.bundle import BundleFold, BundleManifest, write_bundle
 
@@ -606,7 +606,7 @@ def read_nnunet_model(results_folder: str | os.PathLike, folds: Sequence[int | s
                               str(folder / "plans.json"))
     configuration = plans.configurations[configuration_name]
     spec = configuration.architecture
-    with network_errors_as_configuration_errors():
+    with reraised_as(ConfigurationError, networks.NetworkError):
         reference = networks.build(spec.network_spec(plans.num_channels, plans.num_classes))
     expected = reference.state_dict()
     del reference

@@ -32,7 +32,7 @@ from autoseg.errors import (
     CheckpointError,
     ConfigurationError,
     ImageReadError,
-    network_errors_as_configuration_errors,
+    reraised_as,
 )
 from autoseg.inference.streaming import RESULT_RAM_BYTES, SpilledArray, stream_log_probabilities
 from autoseg.io import Geometry, read_image
@@ -94,7 +94,7 @@ def build_network(
     spec = configuration.architecture
     errors = []
     for deep_supervision in (False, True):
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, networks.NetworkError):
             network_spec = replace(spec.network_spec(in_channels, num_classes), deep_supervision=deep_supervision)
             network = networks.build(network_spec)
         try:

@@ -4,7 +4,7 @@ A network is built from numbers, so this package imports nothing of autoseg outs
 ``autoseg.errors``. Its user-facing problems (an unknown architecture, an option it does not have, a patch it
 cannot take) raise :class:`NetworkError` with a one-line message naming the fix; the stages that build networks
 from a plan (planner, trainer, predictor, nnU-Net import) turn it into the ``ConfigurationError`` the command
-line prints, with the same text (``autoseg.errors.network_errors_as_configuration_errors``).
+line prints, with the same text (``autoseg.errors.reraised_as``).
 """
 from __future__ import annotations
 

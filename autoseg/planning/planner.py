@@ -31,7 +31,7 @@ from autoseg.contracts.plans import (
     Plans,
     Resampling,
 )
-from autoseg.errors import ConfigurationError, network_errors_as_configuration_errors
+from autoseg.errors import ConfigurationError, reraised_as
 from autoseg.planning.memory import batch_size_for_budget, memory_budget_bytes, memory_components
 from autoseg.planning.presets import get_preset
 from autoseg.planning.spacing import (
@@ -151,13 +151,13 @@ class _Search:
         self.num_classes = num_classes
         self.options = options
         # the registry decides which build options its constraint/divisor functions read
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, networks.NetworkError):
             self.constraint_options = networks.constraint_options(architecture, options)
 
     def accepted(self, patch: Sequence[float]) -> tuple[Topology, tuple[int, ...]]:
         """Topology for ``patch`` and the nearest patch the architecture accepts with it."""
         topology = plan_topology(self.spacing, patch)
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, self.networks.NetworkError):
             adjusted = self.networks.adjust_patch(
                 self.architecture, topology.patch_size, topology.strides, self.dims, **self.constraint_options
             )
@@ -166,14 +166,14 @@ class _Search:
         return topology, topology.patch_size
 
     def divisor(self, topology: Topology) -> tuple[int, ...]:
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, self.networks.NetworkError):
             return self.networks.patch_divisor(
                 self.architecture, topology.strides, self.dims, **self.constraint_options
             )
 
     def memory(self, topology: Topology) -> tuple[int, int]:
         # traced with deep supervision on, as every configuration is planned (and trained) with it
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, self.networks.NetworkError):
             spec = self.networks.NetworkSpec(
                 self.architecture, self.in_channels, self.num_classes, topology.patch_size, topology.strides,
                 topology.kernel_sizes, topology.features, deep_supervision=True, options=self.options,
@@ -391,7 +391,7 @@ def _architectures(requested: Sequence[str] | None) -> list[str]:
     if requested is None:
         return networks.available()
     for name in requested:
-        with network_errors_as_configuration_errors():
+        with reraised_as(ConfigurationError, networks.NetworkError):
             networks.get(name)  # ConfigurationError listing the choices for unknown names
     return list(dict.fromkeys(requested))
 

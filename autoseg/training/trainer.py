@@ -184,9 +184,10 @@ def _epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
 
 def build_network(plans: Plans, config: Configuration) -> nn.Module:
     from autoseg import networks
-    from autoseg.errors import network_errors_as_configuration_errors
+    from autoseg.errors import ConfigurationError, reraised_as
+    from autoseg.networks.errors import NetworkError
 
-    with network_errors_as_configuration_errors():  # same one-line message as before networks had their own error
+    with reraised_as(ConfigurationError, NetworkError):  # same one-line message as before networks had their own error
         return networks.build(config.architecture.network_spec(plans.network_in_channels(config), plans.num_classes))
 
 
