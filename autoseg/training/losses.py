@@ -10,10 +10,14 @@ The gradients are identical, only the logged value is shifted by one.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from autoseg.errors import ConfigurationError
 
 DICE_SMOOTH = 1e-5  # nnU-Net's smooth term: keeps empty classes from giving 0/0
 
@@ -61,13 +65,78 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return [w / total for w in weights]
 
 
+# ------------------------------------------------------------------------------------------- registry
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(logits [B, K, *S], target [B, 1, *S]) -> scalar`` for one network output."""
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a loss may depend on, all known from the plan before training starts.
+
+    ``num_outputs``: the network's output channels; ``batch_dice``: sum Dice over the batch too (the
+    reference does for 2D configurations)."""
+
+    dims: int
+    num_outputs: int
+    batch_dice: bool
+
+
+LossFactory = Callable[[LossContext], LossFn]
+
+
+@dataclass(frozen=True)
+class _LossEntry:
+    factory: LossFactory
+    description: str
+
+
+_LOSSES: dict[str, _LossEntry] = {}
+DEFAULT_LOSS = "dice_ce"
+
+
+def register_loss(name: str, description: str) -> Callable[[LossFactory], LossFactory]:
+    """Decorator registering ``factory(context) -> LossFn`` under ``name`` (``autoseg train --loss NAME``)."""
+
+    def decorator(factory: LossFactory) -> LossFactory:
+        if name in _LOSSES and _LOSSES[name].factory is not factory:
+            raise ValueError(f"loss {name!r} is registered twice")
+        _LOSSES[name] = _LossEntry(factory, description)
+        return factory
+
+    return decorator
+
+
+def available_losses() -> dict[str, str]:
+    """Registered loss names -> one-line descriptions (for --help)."""
+    return {name: entry.description for name, entry in sorted(_LOSSES.items())}
+
+
+def require_loss(name: str) -> str:
+    """``name`` when it is registered; else a ConfigurationError listing the choices (checked before a run
+    touches its folder)."""
+    if name not in _LOSSES:
+        raise ConfigurationError(f"--loss {name!r}: unknown loss; choose one of {', '.join(sorted(_LOSSES))}")
+    return name
+
+
+def build_loss(name: str, context: LossContext) -> LossFn:
+    """The loss registered as ``name`` for ``context``; unknown names raise ConfigurationError with the choices."""
+    return _LOSSES[require_loss(name)].factory(context)
+
+
+@register_loss("dice_ce", "soft Dice over the foreground classes + cross-entropy, weighted 1:1 (the nnU-Net loss)")
+def _dice_ce(context: LossContext) -> LossFn:
+    return functools.partial(dice_ce_loss, batch_dice=context.batch_dice)
+
+
 def deep_supervision_loss(
     outputs: Sequence[torch.Tensor] | torch.Tensor,
     targets: Sequence[torch.Tensor] | torch.Tensor,
-    batch_dice: bool,
+    loss: LossFn,
     weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Weighted sum of :func:`dice_ce_loss` over the outputs (highest resolution first).
+    """Weighted sum of ``loss`` over the outputs (highest resolution first).
 
     ``outputs[i]`` ``[B, K, *S_i]`` is compared with ``targets[i]`` ``[B, 1, *S_i]``. ``weights`` default to
     :func:`deep_supervision_weights`; outputs with weight 0 are skipped (no wasted compute).
@@ -83,5 +152,5 @@ def deep_supervision_loss(
     total = outputs[0].new_zeros((), dtype=torch.float32)
     for output, target, weight in zip(outputs, targets, weights):
         if weight:
-            total = total + weight * dice_ce_loss(output, target, batch_dice)
+            total = total + weight * loss(output, target)
     return total

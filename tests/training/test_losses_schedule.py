@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -50,7 +51,7 @@ def test_deep_supervision_weights_and_loss():
     outs = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
     targets = [torch.randint(0, 2, (1, 1, 8, 8)), torch.randint(0, 2, (1, 1, 4, 4)), torch.randint(0, 2, (1, 1, 2, 2))]
     expected = (2 / 3) * dice_ce_loss(outs[0], targets[0], False) + (1 / 3) * dice_ce_loss(outs[1], targets[1], False)
-    assert deep_supervision_loss(outs, targets, False).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert deep_supervision_loss(outs, targets, functools.partial(dice_ce_loss, batch_dice=False)).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_poly_and_progress():
@@ -79,3 +80,30 @@ def test_a_bare_number_on_the_command_line_needs_a_unit(text):
     """`--time-budget 2` used to mean 2 seconds; people mean hours or minutes."""
     with pytest.raises(ConfigurationError, match="give a unit"):
         parse_duration(text)
+
+
+def test_loss_registry_builds_the_reference_loss_and_names_choices():
+    from autoseg.training.losses import LossContext, available_losses, build_loss
+
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8)).float()
+    for batch_dice in (False, True):
+        loss = build_loss("dice_ce", LossContext(dims=2, num_outputs=3, batch_dice=batch_dice))
+        assert loss(logits, target).item() == pytest.approx(dice_ce_loss(logits, target, batch_dice).item())
+    assert "dice_ce" in available_losses()
+    with pytest.raises(ConfigurationError, match="unknown loss; choose one of .*dice_ce"):
+        build_loss("focal", LossContext(dims=2, num_outputs=3, batch_dice=False))
+
+
+def test_schedule_registry_poly_and_warmup():
+    from autoseg.training.schedule import available_schedules, build_schedule
+
+    poly = build_schedule("poly")
+    assert [poly.lr(p) for p in (0.0, 0.5, 1.0)] == [0.01, pytest.approx(0.01 * 0.5**0.9), 0.0]
+    assert poly.to_json() == {"kind": "poly", "initial_lr": 0.01, "exponent": 0.9}
+    warm = build_schedule("poly-warmup")
+    assert warm.lr(0.0) == 0.0 and warm.lr(0.025) == pytest.approx(0.005)  # halfway through the 5 % warm-up
+    assert warm.lr(0.05) == pytest.approx(0.01) and warm.lr(1.0) == 0.0
+    assert warm.lr(0.525) == pytest.approx(poly.lr(0.5))  # after warm-up: poly over the remaining 95 %
+    assert set(available_schedules()) >= {"poly", "poly-warmup"}
+    with pytest.raises(ConfigurationError, match="choose one of poly, poly-warmup"):
+        build_schedule("cosine")
