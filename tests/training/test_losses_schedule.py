@@ -107,3 +107,40 @@ def test_schedule_registry_poly_and_warmup():
     assert set(available_schedules()) >= {"poly", "poly-warmup"}
     with pytest.raises(ConfigurationError, match="choose one of poly, poly-warmup"):
         build_schedule("cosine")
+
+
+@pytest.mark.parametrize("name,regions", [("dice_ce", None), ("dice_bce", ((1, 2), (2,)))])
+def test_ignore_voxels_get_no_loss(name, regions):
+    """Issue 20.3: whatever the network predicts where the label is `ignore`, loss and gradient there are 0."""
+    from autoseg.training.losses import LossContext, build_loss
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 1, 6, 6)).float()
+    target[:, :, :3] = 3  # the ignore label (max + 1) on half of every patch
+    loss = build_loss(name, LossContext(dims=2, num_outputs=2 if regions else 3, batch_dice=False, ignore_label=3,
+                                        regions=regions))
+    logits = torch.randn(2, 2 if regions else 3, 6, 6, requires_grad=True)
+    value = loss(logits, target)
+    value.backward()
+    assert torch.isfinite(value) and logits.grad[:, :, :3].abs().max() == 0 and logits.grad[:, :, 3:].abs().max() > 0
+    changed = logits.detach().clone()
+    changed[:, :, :3] = torch.randn_like(changed[:, :, :3]) * 10
+    assert loss(changed, target).item() == pytest.approx(value.item(), rel=1e-6)
+    assert torch.isfinite(loss(logits, torch.full_like(target, 3)))  # a patch with nothing annotated: no NaN
+
+
+def test_region_loss_is_bce_plus_soft_dice_of_region_masks():
+    from autoseg.training.losses import LossContext, build_loss, default_loss, region_masks
+
+    regions = ((1, 2, 3), (2, 3), (3,))
+    target = torch.tensor([[[[0, 1, 2, 3]]]]).float()
+    logits = torch.tensor([[[[-2.0, 1.0, 2.0, 0.5]], [[-1.0, -1.0, 1.0, 2.0]], [[0.0, -3.0, -1.0, 3.0]]]])
+    truth = region_masks(target, regions)
+    p = torch.sigmoid(logits)
+    bce = torch.nn.functional.binary_cross_entropy(p, truth)
+    dice = ((2 * (p * truth).sum((2, 3)) + 1e-5) / (p.sum((2, 3)) + truth.sum((2, 3)) + 1e-5)).mean()
+    context = LossContext(dims=2, num_outputs=3, batch_dice=False, regions=regions)
+    assert default_loss(context) == "dice_bce"
+    assert build_loss("dice_bce", context)(logits, target).item() == pytest.approx((bce + 1 - dice).item(), rel=1e-5)
+    with pytest.raises(ConfigurationError, match="--loss dice_bce"):
+        build_loss("dice_ce", context)
