@@ -112,6 +112,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         validate=not args.no_validation,
         force=args.force,
+        loss=args.loss,
+        lr_schedule=args.lr_schedule,
     )
     return 0
 
@@ -331,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-workers", type=int, default=None,
                    help="data loader worker processes (default: 2; 0 loads batches in the training process)")
     p.add_argument("--no-validation", action="store_true", help="skip the final validation prediction")
+    p.add_argument("--loss", default=None, help="loss, by its name in the loss registry (default dice_ce: soft Dice + "
+                   "cross-entropy; docs/training.md lists them, an unknown name prints the choices)")
+    p.add_argument("--lr-schedule", default=None, help="learning-rate schedule, by its name in the schedule registry "
+                   "(default poly; poly-warmup warms up linearly over the first 5 %% for transformer networks)")
 
     p = command("predict", _cmd_predict, "segment new images with trained folds",
                 "Predict every case in INPUT (a folder of <case>_0000<ending> files, one per channel; for a "

@@ -20,7 +20,7 @@ over ``--repeats`` rounds for the stages that are repeated (plan + preprocess, p
 
 Both train on fold 0 of OUR splits.json (written as nnU-Net's splits_final.json), each at its OWN 3d_fullres
 plan (patch, batch, network); the step time is the median over the timed steps after the first of each tool's
-own train-step function (ours ``autoseg.training.trainer._train_step``, nnU-Net's ``nnUNetTrainer.train_step``),
+own train-step function (ours ``autoseg.training.loop.train_step``, nnU-Net's ``nnUNetTrainer.train_step``),
 timed by a wrapper that calls it unchanged. The few iterations exist to time steps and to give each predictor a
 trained model; accuracy is not measured here. Both tools get the same worker count ``-np`` (nnU-Net's data
 augmentation workers via ``nnUNet_n_proc_DA``).
@@ -71,17 +71,17 @@ ROWS: list[tuple[str, str, str, float | None]] = [
 
 OURS_TRAIN = r"""
 import json, sys, time
-from autoseg.training import trainer
+from autoseg.training import loop
 from autoseg.cli import main
 report, argv = sys.argv[1], sys.argv[2:]
 times = []
-step = trainer._train_step
+step = loop.train_step
 def timed(*args, **kwargs):  # our own step, called unchanged; only its duration is recorded
     start = time.perf_counter()
     result = step(*args, **kwargs)
     times.append(time.perf_counter() - start)
     return result
-trainer._train_step = timed
+loop.train_step = timed
 code = main(argv)
 json.dump({"step_times": times, "returncode": code}, open(report, "w"))
 sys.exit(code)

@@ -101,7 +101,9 @@ OURS_STEP = r"""
 import json, sys, time, torch
 from pathlib import Path
 from autoseg.contracts.plans import ArchitectureSpec, Configuration, Plans, Resampling
-from autoseg.training.trainer import _random_batch, _train_step, build_network
+from autoseg.training.loop import train_step
+from autoseg.training.losses import LossContext, build_loss
+from autoseg.training.parts import StepParts, random_batch
 plans_file, num_classes, steps, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 nn_config = json.load(open(plans_file))["configurations"]["3d_fullres"]
 arch = nn_config["architecture"]["arch_kwargs"]
@@ -115,15 +117,16 @@ config = Configuration(name="3d_fullres", data_identifier="3d_fullres", dims=3, 
                        patch_size=patch, batch_size=batch, median_shape=patch, normalization=["zscore"],
                        use_mask_for_norm=[False], resampling=Resampling(), architecture=spec)
 optimizer = torch.optim.SGD(network.parameters(), 0.01, weight_decay=3e-5, momentum=0.99, nesterov=True)
-batch_data = _random_batch(network, config, 1, num_classes, batch)
+batch_data = random_batch(network, config, 1, num_classes, batch)
 dtype = torch.bfloat16 if "bf16" in variant else None
 if "t1" in variant:
     torch.set_num_threads(1)
+parts = StepParts(network, optimizer, build_loss("dice_ce", LossContext(3, num_classes, False)),
+                  list(network.ds_weights), dtype)
 times = []
 for i in range(steps + 2):
     start = time.perf_counter()
-    _train_step(network, optimizer, None, batch_data, torch.device("cpu"), dtype, list(network.ds_weights), False,
-                None, 0, i, Path("."))
+    train_step(parts, batch_data, torch.device("cpu"), 0, i, Path("."))
     times.append(time.perf_counter() - start)
 print(json.dumps({"patch": patch, "batch": batch, "threads": torch.get_num_threads(),
                   "features": arch["features_per_stage"], "times": times[2:]}))

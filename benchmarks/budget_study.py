@@ -35,7 +35,9 @@ import torch
 from autoseg.contracts.plans import PLANS_FILE, load_plans
 from autoseg.paths import resolve_dataset
 from autoseg.training import budget as budget_module
-from autoseg.training.trainer import _train_step, build_network
+from autoseg.training.loop import train_step
+from autoseg.training.losses import LossContext, build_loss
+from autoseg.training.parts import StepParts, build_network, random_batch
 
 
 def variant_configuration(config, name: str):
@@ -82,7 +84,7 @@ def step_study(plans, base_config, variants, iters, rounds, default_threads):
         if settings["channels_last"]:
             network = network.to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
-        batch = _random_batch(network, config, plans.num_classes)
+        batch = random_batch(network, config, plans.network_in_channels(config), plans.num_classes, config.batch_size)
         if settings["channels_last"]:
             batch["data"] = batch["data"].contiguous(memory_format=torch.channels_last_3d)
         weights = list(network.ds_weights)
@@ -97,8 +99,9 @@ def step_study(plans, base_config, variants, iters, rounds, default_threads):
             n = 2 if round_index == 0 else iters
             start = time.perf_counter()
             for i in range(n):
-                _train_step(network, optimizer, None, batch, torch.device("cpu"), settings["dtype"], weights,
-                            False, None, 0, i, Path("."))
+                parts = StepParts(network, optimizer, build_loss("dice_ce", LossContext(3, plans.num_classes, False)),
+                                  weights, settings["dtype"])
+                train_step(parts, batch, torch.device("cpu"), 0, i, Path("."))
             if round_index:
                 times[name].append((time.perf_counter() - start) / n)
     torch.set_num_threads(default_threads)
@@ -117,7 +120,7 @@ def step_study(plans, base_config, variants, iters, rounds, default_threads):
 
 def train_study(dataset, root, variants, budget, fold, rounds, work_tag):
     from autoseg.training import train
-    from autoseg.training import trainer as trainer_module
+    from autoseg.training import parts as trainer_module
 
     location = resolve_dataset(dataset, root)
     results = {name: [] for name in variants}

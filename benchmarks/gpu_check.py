@@ -203,7 +203,7 @@ def train_steps(plans: Any, configuration: Any, device: Any, steps: int, warmup:
 
     from autoseg import networks
     from autoseg.device import amp_dtype
-    from autoseg.training.losses import deep_supervision_loss
+    from autoseg.training.losses import DEFAULT_LOSS, LossContext, build_loss, deep_supervision_loss
 
     cuda = device.type == "cuda"
     if cuda:
@@ -218,12 +218,13 @@ def train_steps(plans: Any, configuration: Any, device: Any, steps: int, warmup:
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     weights = list(getattr(network, "ds_weights", [1.0])) if configuration.architecture.deep_supervision else [1.0]
     data, targets = random_batch(network, configuration, in_channels, plans.num_classes, device)
+    loss_fn = build_loss(DEFAULT_LOSS, LossContext(configuration.dims, plans.num_classes, configuration.dims == 2))
     times = []
     for _ in range(steps + warmup):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = deep_supervision_loss(network(data), targets, configuration.dims == 2, weights)
+            loss = deep_supervision_loss(network(data), targets, loss_fn, weights)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

@@ -1,8 +1,11 @@
-"""What a small ``--time-budget`` should buy: adapt the plan's network to the budget (issue 11 item 4).
+"""``--time-budget``: what a small budget should buy, and the clock that ends training within it.
 
-Pure functions over :class:`~autoseg.contracts.plans.Configuration`; the trainer applies
+Two halves. :func:`adapt_to_budget` adapts the plan's network to the budget (issue 11 item 4): pure functions
+over :class:`~autoseg.contracts.plans.Configuration`; the trainer applies
 :func:`adapt_to_budget` once at start, stores the adapted configuration in the checkpoint metadata (inference
-builds its network from there) and logs the reasons. Nothing here switches on an architecture name: the
+builds its network from there) and logs the reasons. :class:`BudgetClock` is the policy that ends training in
+time (reserve for the final validation, validation owed by the current epoch, one more step or not), behind
+one object the training loop asks. Nothing here switches on an architecture name: the
 width of any network is its ``features`` list, scaled as a whole.
 
 Evidence for the choices (per-iteration times, short budget-limited trainings on MSD Hippocampus and the
@@ -11,14 +14,18 @@ demo dataset): ``benchmarks/results/budget_study.md``, produced by ``benchmarks/
 from __future__ import annotations
 
 import copy
+import math
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from autoseg.contracts.plans import Configuration
 from autoseg.device import cpu_supports_bf16
+from autoseg.training.schedule import training_progress
 
 MIN_FEATURES = 4  # narrower stages than this stop being a network (InstanceNorm over 1-3 channels)
 
@@ -180,3 +187,138 @@ def adapt_to_budget(
     reasons.append(f"{choice.iterations_per_epoch} iterations per epoch (~{EPOCHS_PER_BUDGET} epochs in the budget)")
     chosen.notes = list(chosen.notes) + [f"--time-budget {budget_seconds:.0f}s: {r}" for r in reasons]
     return chosen, reasons, choice
+
+
+# ------------------------------------------------------------------------------------------ the clock
+PER_CASE_OVERHEAD_S = 0.75  # final validation, per case, besides the network (see FinalValidationReserve)
+VALIDATION_OVERHEAD = 2.0  # an epoch-validation batch costs ~2x its forward time (sampling, loss, Dice counts)
+VALIDATION_FRACTION = 0.2  # 50 validation iterations per 250 training iterations (the reference's ratio)
+
+
+def epoch_validation_iterations(done: int, planned: int, budgeted: bool) -> int:
+    """Validation iterations after ``done`` training iterations: the planned count, or under a budget (where
+    an epoch may end early) 1/5 of the iterations actually done, at most the planned count."""
+    if not budgeted:
+        return planned
+    return max(1, min(planned, round(done * VALIDATION_FRACTION)))
+
+
+class FinalValidationReserve:
+    """How much of a --time-budget to keep for the final checkpoint and the validation prediction.
+
+    Estimate = number of sliding windows (step 0.5) over the validation cases x measured forward time per
+    patch x mirror passes (2^dims), x 1.5 for resampling/writing, + PER_CASE_OVERHEAD_S per case (~0.5 s
+    measured per Hippocampus case). Mirroring is dropped when it would take more than a quarter of the
+    budget; before the first measurement 10 % of the budget is kept.
+    ``case_shapes``: each validation case's shape after resampling ``[C, (Z,) Y, X]``.
+    """
+
+    def __init__(self, case_shapes: Sequence[Sequence[int]], patch_size: Sequence[int], validate: bool,
+                 budget_s: float | None) -> None:
+        self.validate, self.budget_s, self.dims = validate, budget_s, len(patch_size)
+        self.windows = 0
+        if validate and budget_s:
+            for shape in case_shapes:
+                spatial = shape[-self.dims:]
+                count = int(np.prod([max(1, math.ceil((max(s, p) - p) / (p * 0.5)) + 1)
+                                     for s, p in zip(spatial, patch_size)]))
+                if self.dims == 2:
+                    count *= int(shape[0])
+                self.windows += count
+        self.cases = len(case_shapes)
+
+    def _seconds(self, seconds_per_patch: float | None, mirror: bool) -> float | None:
+        if seconds_per_patch is None:
+            return None
+        passes = 2**self.dims if mirror else 1
+        return self.windows * seconds_per_patch * passes * 1.5 + PER_CASE_OVERHEAD_S * self.cases
+
+    def use_mirroring(self, seconds_per_patch: float | None, elapsed_s: float) -> bool:
+        if not self.budget_s:
+            return True
+        seconds = self._seconds(seconds_per_patch, True)
+        return seconds is not None and seconds <= 0.25 * self.budget_s and seconds <= self.budget_s - elapsed_s
+
+    def seconds(self, seconds_per_patch: float | None) -> float:
+        """Seconds to keep free at the end of the budget."""
+        if not self.budget_s:
+            return 0.0
+        checkpoint_time = 1.0 + 0.01 * self.budget_s
+        if not self.validate:
+            return checkpoint_time
+        measured = self._seconds(seconds_per_patch, self.use_mirroring(seconds_per_patch, 0.0))
+        if measured is None:
+            return 0.1 * self.budget_s
+        return min(0.5 * self.budget_s, measured + checkpoint_time)
+
+
+class BudgetClock:
+    """The --time-budget policy in one object, and the one time source of a training run.
+
+    ``now`` gives monotonic seconds (time.monotonic; a test passes a simulated clock, so what the policy
+    decides no longer depends on how fast the machine is). ``used_before_s``: training time of earlier runs
+    of this fold (--continue). Without a budget every question answers "go on"; ``now`` still times steps,
+    epochs and checkpoints.
+
+    The policy: training stops when one more step would eat into what is left after (a) the reserve for the
+    final checkpoint and validation (:class:`FinalValidationReserve`), and (b) the validation phase the
+    current epoch still owes (1/5 of its iterations, forward only, at VALIDATION_OVERHEAD x the measured
+    forward time per patch). ``seconds_per_patch`` is read from the training state at each question: it is
+    measured at the start and refined by every epoch's validation.
+    """
+
+    def __init__(self, budget_s: float | None, used_before_s: float, reserve: FinalValidationReserve,
+                 validation_iterations: int, batch_size: int, now: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
+        self.budget_s = budget_s or None
+        self.used_before_s = used_before_s
+        self.reserve = reserve
+        self.validation_iterations = validation_iterations
+        self.batch_size = batch_size
+        self.now = now
+        self.started = now() if started is None else started
+        self.last_step_s = 0.0
+
+    @property
+    def budgeted(self) -> bool:
+        return self.budget_s is not None
+
+    def elapsed(self) -> float:
+        """Training seconds so far, earlier runs included."""
+        return self.used_before_s + (self.now() - self.started)
+
+    def left(self, seconds_per_patch: float | None, iterations_this_epoch: int = 0) -> float:
+        """Seconds of training left (inf without a budget)."""
+        if not self.budget_s:
+            return math.inf
+        owed = 0.0
+        if iterations_this_epoch:
+            owed = epoch_validation_iterations(iterations_this_epoch, self.validation_iterations, True) \
+                * self.batch_size * (seconds_per_patch or 0.0) * VALIDATION_OVERHEAD
+        return self.budget_s - self.reserve.seconds(seconds_per_patch) - owed - self.elapsed()
+
+    def exhausted(self, seconds_per_patch: float | None) -> bool:
+        """No time left for another epoch."""
+        return self.left(seconds_per_patch) <= 0
+
+    def step_fits(self, seconds_per_patch: float | None, iteration: int) -> bool:
+        """Would one more step (as long as the last one) still fit before iteration ``iteration + 1`` ends?"""
+        if not self.budget_s:
+            return True
+        return self.left(seconds_per_patch, iteration + 1) - self.last_step_s > 0
+
+    def validation_deadline(self, seconds_per_patch: float | None) -> float | None:
+        """``now()`` by which an epoch's validation must stop to keep the final reserve (None: no budget)."""
+        if not self.budget_s:
+            return None
+        return self.started + self.budget_s - self.used_before_s - self.reserve.seconds(seconds_per_patch)
+
+    def progress(self, epoch: int, epochs: int | None) -> float:
+        """Fraction of training done, for the LR schedule: epochs, budget time, or the nearer of both."""
+        return training_progress(epoch, epochs, self.elapsed() if self.budget_s else None, self.budget_s)
+
+    def use_mirroring(self, seconds_per_patch: float | None) -> bool:
+        return self.reserve.use_mirroring(seconds_per_patch, self.elapsed())
+
+    def validation_iterations_after(self, done: int) -> int:
+        return epoch_validation_iterations(done, self.validation_iterations, self.budgeted)

@@ -5,7 +5,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from autoseg.fileio import atomic_path, write_json

@@ -46,6 +46,8 @@ class RunOptions:
     device: str  # device kind trained on: cpu, cuda, mps (informative: a resume may move to another device)
     started: str  # ISO 8601 time the run was first started
     resumed: list[str] = field(default_factory=list)  # times of each --continue
+    loss: str | None = None  # a name in training/losses.py's registry; None: the default (run.json before it)
+    lr_schedule: str | None = None  # a name in training/schedule.py's registry; None: the default
     schema_version: int = RUN_SCHEMA_VERSION
 
 
@@ -91,9 +93,10 @@ def options_from_checkpoint(folder: Path) -> dict[str, Any] | None:
 # not depend on it, see loader.py); anything else would make the resumed run another run
 EXTENDABLE = ("epochs", "time_budget_s")
 FREE = ("num_workers",)
-FIXED = ("iterations_per_epoch", "seed", "selfreg", "pretrained")
+FIXED = ("iterations_per_epoch", "seed", "selfreg", "pretrained", "loss", "lr_schedule")
 FLAGS = {"epochs": "--epochs", "time_budget_s": "--time-budget", "num_workers": "-np", "iterations_per_epoch":
-         "--iters-per-epoch", "seed": "--seed", "selfreg": "--selfreg", "pretrained": "--pretrained"}
+         "--iters-per-epoch", "seed": "--seed", "selfreg": "--selfreg", "pretrained": "--pretrained",
+         "loss": "--loss", "lr_schedule": "--lr-schedule"}
 
 
 def _show(key: str, value: Any) -> str:

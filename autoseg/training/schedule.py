@@ -9,10 +9,14 @@ fractions: the LR decays towards whichever limit comes first.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from autoseg.errors import ConfigurationError
 
+INITIAL_LR = 0.01  # nnU-Net's SGD learning rate
 POLY_EXPONENT = 0.9  # nnU-Net PolyLR exponent
+DEFAULT_SCHEDULE = "poly"
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)", re.IGNORECASE)
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -39,6 +43,81 @@ def training_progress(
     return min(max(fractions, default=0.0), 1.0)
 
 
+# ------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule: ``lr(progress)`` for progress in [0, 1] (:func:`training_progress`), and the
+    JSON-able options a checkpoint records (``to_json``)."""
+
+    name: str
+    lr: Callable[[float], float]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.name, **self.options}
+
+
+ScheduleFactory = Callable[[], Schedule]
+
+
+@dataclass(frozen=True)
+class _ScheduleEntry:
+    factory: ScheduleFactory
+    description: str
+
+
+_SCHEDULES: dict[str, _ScheduleEntry] = {}
+
+
+def register_schedule(name: str, description: str) -> Callable[[ScheduleFactory], ScheduleFactory]:
+    """Decorator registering a schedule factory under ``name`` (``autoseg train --lr-schedule NAME``)."""
+
+    def decorator(factory: ScheduleFactory) -> ScheduleFactory:
+        if name in _SCHEDULES and _SCHEDULES[name].factory is not factory:
+            raise ValueError(f"schedule {name!r} is registered twice")
+        _SCHEDULES[name] = _ScheduleEntry(factory, description)
+        return factory
+
+    return decorator
+
+
+def available_schedules() -> dict[str, str]:
+    """Registered schedule names -> one-line descriptions (for --help)."""
+    return {name: entry.description for name, entry in sorted(_SCHEDULES.items())}
+
+
+def build_schedule(name: str) -> Schedule:
+    """The schedule registered as ``name``; an unknown name is a ConfigurationError listing the choices."""
+    if name not in _SCHEDULES:
+        raise ConfigurationError(
+            f"--lr-schedule {name!r}: unknown schedule; choose one of {', '.join(sorted(_SCHEDULES))}"
+        )
+    return _SCHEDULES[name].factory()
+
+
+@register_schedule("poly", "lr0 * (1 - progress)^0.9 from lr0 = 0.01 (the nnU-Net schedule)")
+def poly_schedule() -> Schedule:
+    return Schedule("poly", lambda progress: poly_lr(INITIAL_LR, progress, POLY_EXPONENT),
+                    {"initial_lr": INITIAL_LR, "exponent": POLY_EXPONENT})
+
+
+WARMUP_FRACTION = 0.05  # 50 of 1000 epochs: the linear warm-up transformer recipes use before decaying
+
+
+@register_schedule("poly-warmup", "linear warm-up from 0 over the first 5 % of training, then poly from 0.01 "
+                    "(for transformer networks such as unetrpp, unet2022, which can diverge at a full first step)")
+def poly_warmup_schedule() -> Schedule:
+    def lr(progress: float) -> float:
+        progress = min(max(float(progress), 0.0), 1.0)
+        if progress < WARMUP_FRACTION:
+            return INITIAL_LR * progress / WARMUP_FRACTION
+        return poly_lr(INITIAL_LR, (progress - WARMUP_FRACTION) / (1.0 - WARMUP_FRACTION), POLY_EXPONENT)
+
+    return Schedule("poly-warmup", lr,
+                    {"initial_lr": INITIAL_LR, "exponent": POLY_EXPONENT, "warmup_fraction": WARMUP_FRACTION})
+
+
+# ------------------------------------------------------------------------------------------- durations
 def parse_duration(text: str | float | int | None) -> float | None:
     """``"20m"`` -> 1200.0, ``"1h30m"`` -> 5400.0, ``"23h"``, ``"90s"``, ``"2d"``; a Python number means seconds.
 

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -50,7 +51,7 @@ def test_deep_supervision_weights_and_loss():
     outs = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
     targets = [torch.randint(0, 2, (1, 1, 8, 8)), torch.randint(0, 2, (1, 1, 4, 4)), torch.randint(0, 2, (1, 1, 2, 2))]
     expected = (2 / 3) * dice_ce_loss(outs[0], targets[0], False) + (1 / 3) * dice_ce_loss(outs[1], targets[1], False)
-    assert deep_supervision_loss(outs, targets, False).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert deep_supervision_loss(outs, targets, functools.partial(dice_ce_loss, batch_dice=False)).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_poly_and_progress():
@@ -79,3 +80,67 @@ def test_a_bare_number_on_the_command_line_needs_a_unit(text):
     """`--time-budget 2` used to mean 2 seconds; people mean hours or minutes."""
     with pytest.raises(ConfigurationError, match="give a unit"):
         parse_duration(text)
+
+
+def test_loss_registry_builds_the_reference_loss_and_names_choices():
+    from autoseg.training.losses import LossContext, available_losses, build_loss
+
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8)).float()
+    for batch_dice in (False, True):
+        loss = build_loss("dice_ce", LossContext(dims=2, num_outputs=3, batch_dice=batch_dice))
+        assert loss(logits, target).item() == pytest.approx(dice_ce_loss(logits, target, batch_dice).item())
+    assert "dice_ce" in available_losses()
+    with pytest.raises(ConfigurationError, match="unknown loss; choose one of .*dice_ce"):
+        build_loss("focal", LossContext(dims=2, num_outputs=3, batch_dice=False))
+
+
+def test_schedule_registry_poly_and_warmup():
+    from autoseg.training.schedule import available_schedules, build_schedule
+
+    poly = build_schedule("poly")
+    assert [poly.lr(p) for p in (0.0, 0.5, 1.0)] == [0.01, pytest.approx(0.01 * 0.5**0.9), 0.0]
+    assert poly.to_json() == {"kind": "poly", "initial_lr": 0.01, "exponent": 0.9}
+    warm = build_schedule("poly-warmup")
+    assert warm.lr(0.0) == 0.0 and warm.lr(0.025) == pytest.approx(0.005)  # halfway through the 5 % warm-up
+    assert warm.lr(0.05) == pytest.approx(0.01) and warm.lr(1.0) == 0.0
+    assert warm.lr(0.525) == pytest.approx(poly.lr(0.5))  # after warm-up: poly over the remaining 95 %
+    assert set(available_schedules()) >= {"poly", "poly-warmup"}
+    with pytest.raises(ConfigurationError, match="choose one of poly, poly-warmup"):
+        build_schedule("cosine")
+
+
+@pytest.mark.parametrize("name,regions", [("dice_ce", None), ("dice_bce", ((1, 2), (2,)))])
+def test_ignore_voxels_get_no_loss(name, regions):
+    """Issue 20.3: whatever the network predicts where the label is `ignore`, loss and gradient there are 0."""
+    from autoseg.training.losses import LossContext, build_loss
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 1, 6, 6)).float()
+    target[:, :, :3] = 3  # the ignore label (max + 1) on half of every patch
+    loss = build_loss(name, LossContext(dims=2, num_outputs=2 if regions else 3, batch_dice=False, ignore_label=3,
+                                        regions=regions))
+    logits = torch.randn(2, 2 if regions else 3, 6, 6, requires_grad=True)
+    value = loss(logits, target)
+    value.backward()
+    assert torch.isfinite(value) and logits.grad[:, :, :3].abs().max() == 0 and logits.grad[:, :, 3:].abs().max() > 0
+    changed = logits.detach().clone()
+    changed[:, :, :3] = torch.randn_like(changed[:, :, :3]) * 10
+    assert loss(changed, target).item() == pytest.approx(value.item(), rel=1e-6)
+    assert torch.isfinite(loss(logits, torch.full_like(target, 3)))  # a patch with nothing annotated: no NaN
+
+
+def test_region_loss_is_bce_plus_soft_dice_of_region_masks():
+    from autoseg.training.losses import LossContext, build_loss, default_loss, region_masks
+
+    regions = ((1, 2, 3), (2, 3), (3,))
+    target = torch.tensor([[[[0, 1, 2, 3]]]]).float()
+    logits = torch.tensor([[[[-2.0, 1.0, 2.0, 0.5]], [[-1.0, -1.0, 1.0, 2.0]], [[0.0, -3.0, -1.0, 3.0]]]])
+    truth = region_masks(target, regions)
+    p = torch.sigmoid(logits)
+    bce = torch.nn.functional.binary_cross_entropy(p, truth)
+    dice = ((2 * (p * truth).sum((2, 3)) + 1e-5) / (p.sum((2, 3)) + truth.sum((2, 3)) + 1e-5)).mean()
+    context = LossContext(dims=2, num_outputs=3, batch_dice=False, regions=regions)
+    assert default_loss(context) == "dice_bce"
+    assert build_loss("dice_bce", context)(logits, target).item() == pytest.approx((bce + 1 - dice).item(), rel=1e-5)
+    with pytest.raises(ConfigurationError, match="--loss dice_bce"):
+        build_loss("dice_ce", context)

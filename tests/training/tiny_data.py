@@ -84,3 +84,16 @@ def build_tiny_dataset(root: Path, dims: int = 3, num_cases: int = 6, extra_conf
               "val": [c for i, c in enumerate(case_ids) if i % 5 == k]} for k in range(5)]
     write_json(root / "preprocessed" / DATASET / "splits.json", folds)
     return DATASET
+
+
+class SimulatedClock:
+    """Monotonic seconds that advance by ``tick`` each time they are read. Passed as ``train(clock=...)``, it
+    makes what a --time-budget run decides (when to stop, how wide a network, how many iterations) depend on
+    the code path only, never on how fast or loaded the machine is."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.tick, self.seconds = tick, 0.0
+
+    def __call__(self) -> float:
+        self.seconds += self.tick
+        return self.seconds
