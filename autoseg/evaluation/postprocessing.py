@@ -5,6 +5,13 @@ predictions, first try "largest component of all foreground together" and keep i
 Dice strictly improves; then, on top of that, try "largest component of class c" for each class and keep each
 rule whose class Dice strictly improves. Removed voxels become background (0).
 
+Region datasets (docs/datasets.md) are decided and applied per region: the rule "largest component of
+region r" takes region r's mask (the voxels holding any of its values), keeps its largest component, and
+repaints only the removed voxels from the region masks that remain, in ``regions_class_order`` (a stray
+"tumour core" blob inside the whole tumour becomes whole tumour again, not background). A rule is kept when
+its own region's Dice improves; the voxels it removes also leave the regions nested inside it, which the
+decision does not weigh. Keys of region rules are the region numbers ``1..R`` of the evaluation summary.
+
 Connectivity is full (8 neighbours in 2D, 26 in 3D): diagonal contact joins components, so a rule removes
 only objects that are truly separate.
 
@@ -22,6 +29,7 @@ from typing import Any, Sequence
 import cc3d
 import numpy as np
 
+from autoseg.dataset.labels import LabelScheme
 from autoseg.errors import ConfigurationError
 from autoseg.evaluation.parallel import run_all
 from autoseg.fileio import read_json, write_json
@@ -40,6 +48,8 @@ class PostprocessingRules:
     ``foreground_largest_component``: keep only the largest component of all foreground labels together.
     ``largest_component_labels``: then keep only the largest component of each of these labels.
     ``dice_before`` / ``dice_after``: mean Dice per label (str keys) over ``num_cases`` without / with the rules.
+    ``regions`` / ``regions_class_order``: region datasets only, the label values of each region key and the
+    paint order; labels are then region keys (module docstring).
     """
 
     foreground_largest_component: bool = False
@@ -48,6 +58,16 @@ class PostprocessingRules:
     dice_before: dict[str, float] = field(default_factory=dict)
     dice_after: dict[str, float] = field(default_factory=dict)
     num_cases: int = 0
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    regions_class_order: list[int] | None = None
+
+    def region_scheme(self) -> LabelScheme | None:
+        """The regions as a LabelScheme (names are the keys), None for plain labels."""
+        if not self.regions:
+            return None
+        labels: dict[str, Any] = {"background": 0, **{key: list(values) for key, values in
+                                                      sorted(self.regions.items(), key=lambda kv: int(kv[0]))}}
+        return LabelScheme.from_labels(labels, self.regions_class_order)
 
     @property
     def changes_anything(self) -> bool:
@@ -71,6 +91,8 @@ class PostprocessingRules:
             "dice_before": dict(self.dice_before),
             "dice_after": dict(self.dice_after),
             "num_cases": self.num_cases,
+            "regions": {k: [int(x) for x in v] for k, v in self.regions.items()},
+            "regions_class_order": None if self.regions_class_order is None else [int(v) for v in self.regions_class_order],
         }
 
     @classmethod
@@ -89,6 +111,9 @@ class PostprocessingRules:
                 dice_before={str(k): float(v) for k, v in data.get("dice_before", {}).items()},
                 dice_after={str(k): float(v) for k, v in data.get("dice_after", {}).items()},
                 num_cases=int(data.get("num_cases", 0)),
+                regions={str(k): [int(x) for x in v] for k, v in (data.get("regions") or {}).items()},
+                regions_class_order=(None if data.get("regions_class_order") is None
+                                     else [int(v) for v in data["regions_class_order"]]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigurationError(
@@ -122,45 +147,82 @@ def _keep_largest(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _keep_largest_region(seg: np.ndarray, key: int, scheme: LabelScheme) -> np.ndarray:
+    """``seg`` with region ``key`` (1-based) cut to its largest component: the removed voxels are repainted
+    from the remaining region masks (``scheme.paint``), every other voxel is unchanged."""
+    mask = np.isin(seg, scheme.regions[key - 1][1])
+    removed = mask & ~largest_component(mask)
+    out = seg.copy()
+    if removed.any():
+        masks = scheme.to_region_masks(seg)
+        masks[key - 1] &= ~removed
+        out[removed] = scheme.paint(masks, dtype=seg.dtype)[removed]
+    return out
+
+
 def apply_postprocessing(seg: np.ndarray, rules: PostprocessingRules | None) -> np.ndarray:
-    """Apply ``rules`` to a label map ``[(Z,) Y, X]``; returns a new array of the same shape and dtype."""
+    """Apply ``rules`` to a label map ``[(Z,) Y, X]``; returns a new array of the same shape and dtype.
+    Region rules (``rules.regions``) act on region masks and repaint (module docstring)."""
     seg = np.asarray(seg)
     if rules is None or not rules.changes_anything:
         return seg.copy()
     out = seg
     if rules.foreground_largest_component:
         out = _keep_largest(out, out != 0)
+    scheme = rules.region_scheme()
     for label in rules.largest_component_labels:
-        out = _keep_largest(out, out == label)
+        out = _keep_largest(out, out == label) if scheme is None else _keep_largest_region(out, label, scheme)
     return out if out is not seg else seg.copy()
 
 
-def _dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+def _dice_all(reference: np.ndarray, prediction: np.ndarray) -> float:
     from autoseg.evaluation.metrics import confusion_counts, dice_from_counts
 
     return dice_from_counts(*confusion_counts(reference, prediction)[:3])
 
 
-def candidate_dice(reference: np.ndarray, prediction: np.ndarray, labels: Sequence[int]) -> dict[str, dict[int, float]]:
+def candidate_dice(
+    reference: np.ndarray, prediction: np.ndarray, labels: Sequence[int], scheme: LabelScheme | None = None
+) -> dict[str, dict[int, float]]:
     """Dice per label of one case under every candidate rule set.
 
     Returns ``{"none", "foreground", "label", "foreground+label": {label: Dice}}``: unchanged; all-foreground
     largest component; largest component of that label alone; both. Removing voxels of label c only changes
-    label c's Dice, so per-label rules can be decided independently of each other.
+    label c's Dice, so per-label rules can be decided independently of each other. ``scheme`` with regions:
+    ``labels`` are region keys ``1..R``, scored on region masks, the rule applied as
+    :func:`apply_postprocessing` applies it. A scheme with an ignore label: predicted voxels where the
+    reference is ignore are left out of every Dice (as evaluation leaves them out).
     """
     foreground = _keep_largest(prediction, prediction != 0)
+    if scheme is not None and scheme.ignore_value is not None:
+        annotated = reference != scheme.ignore_value
+
+        def dice(reference_mask: np.ndarray, prediction_mask: np.ndarray) -> float:
+            return _dice_all(reference_mask, prediction_mask & annotated)
+    else:
+        dice = _dice_all
     result: dict[str, dict[int, float]] = {"none": {}, "foreground": {}, "label": {}, "foreground+label": {}}
+    if scheme is not None and scheme.has_regions:
+        for key in labels:
+            values = scheme.regions[key - 1][1]
+            reference_mask = np.isin(reference, values)
+            result["none"][key] = dice(reference_mask, np.isin(prediction, values))
+            result["foreground"][key] = dice(reference_mask, np.isin(foreground, values))
+            result["label"][key] = dice(reference_mask, np.isin(_keep_largest_region(prediction, key, scheme), values))
+            result["foreground+label"][key] = dice(
+                reference_mask, np.isin(_keep_largest_region(foreground, key, scheme), values))
+        return result
     for label in labels:
         reference_mask = reference == label
-        result["none"][label] = _dice(reference_mask, prediction == label)
-        result["foreground"][label] = _dice(reference_mask, foreground == label)
-        result["label"][label] = _dice(reference_mask, largest_component(prediction == label))
-        result["foreground+label"][label] = _dice(reference_mask, largest_component(foreground == label))
+        result["none"][label] = dice(reference_mask, prediction == label)
+        result["foreground"][label] = dice(reference_mask, foreground == label)
+        result["label"][label] = dice(reference_mask, largest_component(prediction == label))
+        result["foreground+label"][label] = dice(reference_mask, largest_component(foreground == label))
     return result
 
 
-def _candidate_dice_job(job: tuple[str, str, list[int]]) -> dict[str, dict[int, float]]:
-    prediction_path, reference_path, labels = job
+def _candidate_dice_job(job: tuple[str, str, list[int], dict[str, Any] | None]) -> dict[str, dict[int, float]]:
+    prediction_path, reference_path, labels, scheme_json = job
     prediction, _ = read_segmentation(prediction_path)
     reference, _ = read_segmentation(reference_path)
     if prediction.shape != reference.shape:
@@ -168,7 +230,8 @@ def _candidate_dice_job(job: tuple[str, str, list[int]]) -> dict[str, dict[int, 
             f"{prediction_path}: shape {prediction.shape} differs from reference {reference.shape}; "
             "postprocessing can only be decided on predictions in the reference grid"
         )
-    return candidate_dice(reference, prediction, labels)
+    scheme = None if scheme_json is None else LabelScheme.from_json(scheme_json)
+    return candidate_dice(reference, prediction, labels, scheme)
 
 
 def choose_rules(per_case: Sequence[dict[str, dict[int, float]]], labels: Sequence[int]) -> PostprocessingRules:
@@ -209,16 +272,24 @@ def decide_postprocessing(
     pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
     labels: Sequence[int],
     num_workers: int = 2,
+    label_scheme: LabelScheme | None = None,
 ) -> PostprocessingRules:
     """Decide largest-component rules on cross-validation predictions.
 
     ``pairs``: ``(prediction_file, reference_file)`` per case (label maps in the same grid); ``labels``: the
-    foreground labels. Cases are read in ``num_workers`` processes.
+    foreground labels, or for a region ``label_scheme`` the region keys ``1..R``. Cases are read in
+    ``num_workers`` processes.
     """
     labels = [int(v) for v in labels if int(v) != 0]
-    jobs = [(str(p), str(r), labels) for p, r in pairs]
+    regions = label_scheme is not None and label_scheme.has_regions
+    scheme_json = None if label_scheme is None else label_scheme.to_json()
+    jobs = [(str(p), str(r), labels, scheme_json) for p, r in pairs]
     results = run_all(_candidate_dice_job, jobs, num_workers, "postprocessing")
     rules = choose_rules(results, labels)
+    if regions:
+        assert label_scheme is not None
+        rules.regions = {str(key): list(label_scheme.regions[key - 1][1]) for key in range(1, len(label_scheme.regions) + 1)}
+        rules.regions_class_order = list(label_scheme.regions_class_order or [])
     log.info("postprocessing decided on %d cases: %s", len(results), rules.describe())
     return rules
 
