@@ -51,7 +51,7 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
     from autoseg.dataset.msd import convert_msd
 
     out = convert_msd(args.task_dir, root=args.root, number=args.number, name=args.name, overwrite=args.overwrite,
-                      num_workers=args.num_workers)
+                      num_workers=args.num_workers, regions=args.regions)
     print(f"converted {args.task_dir} -> {out}")
     print(f"next: autoseg verify {out.name} --root {args.root}" if args.root else f"next: autoseg verify {out.name}")
     return 0
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--number", type=int, default=None, help="dataset number (default: the task number)")
     p.add_argument("--name", default=None, help="dataset name (default: the task name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
+    p.add_argument("--regions", action="store_true",
+                   help="BraTS-like tasks (4 channels, labels 0-3): declare the nested regions whole tumour "
+                        "[1,2,3], tumour core [2,3], enhancing tumour [3] (docs/datasets.md)")
     p.add_argument("-np", "--num-workers", type=int, default=2, help="parallel conversion processes")
 
     p = command("plan", _cmd_plan, "fingerprint a dataset and write plans.json (then preprocess)",

@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "dataset": {"io", *BASE},
     # plus numpy/torch/cc3d; never a stage. networks: the plans turn an architecture entry into the NetworkSpec
     # the networks package owns (networks import nothing of autoseg, so this makes no cycle)
-    "contracts": {"errors", "fileio", "paths", "networks"},
+    # dataset: what dataset.json's labels mean (dataset.labels.LabelScheme), carried by plans and postprocessing
+    "contracts": {"errors", "fileio", "paths", "networks", "dataset"},
     "networks": set(),  # torch only
     "planning": {"contracts", "dataset", "io", "networks", *BASE},
     "preprocessing": {"contracts", "dataset", "io", *BASE},

@@ -42,7 +42,7 @@ class Fingerprint:
 
     dataset_name: str
     channel_names: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]  # dataset.json's labels (lists: regions)
     file_ending: str
     cases: list[CaseFingerprint]
     intensity_stats: dict[str, IntensityStats]  # per channel, over the pooled foreground samples
@@ -53,6 +53,10 @@ class Fingerprint:
     median_relative_size_after_crop: float
     label_volume_median_mm3: dict[str, float]  # per label value: median over cases of the volume in mm^3
     samples_per_case: int = SAMPLES_PER_CASE
+    # region datasets: dataset.json's regions_class_order and its label key order (this file is written with
+    # sorted keys, and the key order is the region order); optional, so older fingerprints still load
+    regions_class_order: list[int] | None = None
+    label_order: list[str] | None = None
     schema_version: int = FINGERPRINT_SCHEMA_VERSION
 
     @property

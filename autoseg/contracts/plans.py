@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from autoseg.dataset.labels import LabelScheme
 from autoseg.errors import ConfigurationError
 from autoseg.fileio import read_json, write_json
 
@@ -166,7 +167,7 @@ class Configuration:
 class Plans:
     dataset_name: str
     channel_names: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]  # dataset.json's labels; a list is a region
     file_ending: str
     configurations: dict[str, Configuration]
     default_configurations: list[str]  # trained by default / compared by find-best
@@ -185,6 +186,11 @@ class Plans:
     # the planning preset these plans were made with (``autoseg plan --preset``, planning/presets.py), None for
     # the default planner; optional, so plans written before it existed still load (same schema version)
     preset: str | None = None
+    # region datasets (docs/datasets.md): dataset.json's regions_class_order, and its label key order, which
+    # orders the regions (this file is written with sorted keys). None for plain datasets; optional, so plans
+    # written before they existed still load (same schema version).
+    regions_class_order: list[int] | None = None
+    label_order: list[str] | None = None
     schema_version: int = PLANS_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -208,13 +214,22 @@ class Plans:
         return len(self.channel_names)
 
     @property
+    def label_scheme(self) -> LabelScheme:
+        """What the labels mean (autoseg.dataset.labels): classes or regions, the ignore value."""
+        return LabelScheme.from_labels(self.labels, self.regions_class_order, self.label_order)
+
+    @property
     def num_classes(self) -> int:
-        return len(self.labels)
+        """Network output channels: plain datasets, one per class with background (softmax), as always;
+        region datasets, one per region (sigmoid); an ``ignore`` label is never an output."""
+        return self.label_scheme.num_outputs
 
     def network_in_channels(self, configuration: Configuration) -> int:
         """Input channels of ``configuration``'s network: the image channels, plus for a cascade stage one
-        channel per foreground class of the previous stage's segmentation (background gets none)."""
-        return self.num_channels + (self.num_classes - 1 if configuration.previous_stage else 0)
+        channel per foreground class of the previous stage's segmentation (background gets none), or per
+        region for region datasets."""
+        extra = len(self.label_scheme.evaluation_units()) if configuration.previous_stage else 0
+        return self.num_channels + extra
 
     def configuration(self, name: str, architecture: str | None = None) -> Configuration:
         """Look up a configuration by name, or by base name + architecture (``"3d_fullres", "unetrpp"``)."""

@@ -18,6 +18,7 @@ from typing import Any
 import cc3d
 import numpy as np
 
+from autoseg.dataset.labels import LabelScheme
 from autoseg.errors import ConfigurationError
 from autoseg.fileio import read_json, write_json
 
@@ -32,6 +33,9 @@ class PostprocessingRules:
     ``foreground_largest_component``: keep only the largest component of all foreground labels together.
     ``largest_component_labels``: then keep only the largest component of each of these labels.
     ``dice_before`` / ``dice_after``: mean Dice per label (str keys) over ``num_cases`` without / with the rules.
+    ``regions`` / ``regions_class_order``: region datasets only, the label values of each region key and the
+    paint order; labels are then region keys ``1..R`` (a rule on region r cuts r's mask to its largest
+    component and repaints only the removed voxels from the remaining region masks, in regions_class_order).
     """
 
     foreground_largest_component: bool = False
@@ -40,6 +44,16 @@ class PostprocessingRules:
     dice_before: dict[str, float] = field(default_factory=dict)
     dice_after: dict[str, float] = field(default_factory=dict)
     num_cases: int = 0
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    regions_class_order: list[int] | None = None
+
+    def region_scheme(self) -> LabelScheme | None:
+        """The regions as a LabelScheme (names are the keys), None for plain labels."""
+        if not self.regions:
+            return None
+        labels: dict[str, Any] = {"background": 0, **{key: list(values) for key, values in
+                                                      sorted(self.regions.items(), key=lambda kv: int(kv[0]))}}
+        return LabelScheme.from_labels(labels, self.regions_class_order)
 
     @property
     def changes_anything(self) -> bool:
@@ -63,6 +77,8 @@ class PostprocessingRules:
             "dice_before": dict(self.dice_before),
             "dice_after": dict(self.dice_after),
             "num_cases": self.num_cases,
+            "regions": {k: [int(x) for x in v] for k, v in self.regions.items()},
+            "regions_class_order": None if self.regions_class_order is None else [int(v) for v in self.regions_class_order],
         }
 
     @classmethod
@@ -81,6 +97,9 @@ class PostprocessingRules:
                 dice_before={str(k): float(v) for k, v in data.get("dice_before", {}).items()},
                 dice_after={str(k): float(v) for k, v in data.get("dice_after", {}).items()},
                 num_cases=int(data.get("num_cases", 0)),
+                regions={str(k): [int(x) for x in v] for k, v in (data.get("regions") or {}).items()},
+                regions_class_order=(None if data.get("regions_class_order") is None
+                                     else [int(v) for v in data["regions_class_order"]]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigurationError(
@@ -114,16 +133,31 @@ def keep_largest_component(seg: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def keep_largest_region(seg: np.ndarray, key: int, scheme: LabelScheme) -> np.ndarray:
+    """``seg`` with region ``key`` (1-based) cut to its largest component: the removed voxels are repainted
+    from the remaining region masks (``scheme.paint``), every other voxel is unchanged."""
+    mask = np.isin(seg, scheme.regions[key - 1][1])
+    removed = mask & ~largest_component(mask)
+    out = seg.copy()
+    if removed.any():
+        masks = scheme.to_region_masks(seg)
+        masks[key - 1] &= ~removed
+        out[removed] = scheme.paint(masks, dtype=seg.dtype)[removed]
+    return out
+
+
 def apply_postprocessing(seg: np.ndarray, rules: PostprocessingRules | None) -> np.ndarray:
-    """Apply ``rules`` to a label map ``[(Z,) Y, X]``; returns a new array of the same shape and dtype."""
+    """Apply ``rules`` to a label map ``[(Z,) Y, X]``; returns a new array of the same shape and dtype.
+    Region rules (``rules.regions``) act on region masks and repaint (:func:`keep_largest_region`)."""
     seg = np.asarray(seg)
     if rules is None or not rules.changes_anything:
         return seg.copy()
     out = seg
     if rules.foreground_largest_component:
         out = keep_largest_component(out, out != 0)
+    scheme = rules.region_scheme()
     for label in rules.largest_component_labels:
-        out = keep_largest_component(out, out == label)
+        out = keep_largest_component(out, out == label) if scheme is None else keep_largest_region(out, label, scheme)
     return out if out is not seg else seg.copy()
 
 

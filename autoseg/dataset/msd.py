@@ -8,6 +8,13 @@ spacing, origin and direction (the 4th axis is the modality index, not space). L
 
 The conversion writes into a hidden temporary folder next to the target and renames it into place at the end,
 so an interrupted conversion never leaves a half-written dataset behind.
+
+``--regions`` (BraTS-like tasks, e.g. Task01_BrainTumour: 4 channels, labels 0 background, 1 oedema,
+2 non-enhancing tumour, 3 enhancing tumour) declares the BraTS evaluation regions instead of the three
+classes, with the label files unchanged: "whole tumour" [1, 2, 3], "tumour core" [2, 3], "enhancing tumour"
+[3], ``regions_class_order`` [1, 2, 3] (a voxel predicted in all three is painted 3, in whole and core 2, in
+whole only 1, which gives back the original values). A task with another channel count or label set is
+refused: its label values would not mean these regions.
 """
 from __future__ import annotations
 
@@ -25,9 +32,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from autoseg.dataset.cases import IMAGES_TEST, IMAGES_TRAIN, LABELS_TRAIN
-from autoseg.dataset.spec import DATASET_JSON, parse_dataset_spec
+from autoseg.dataset.spec import DATASET_JSON, parse_dataset_spec, write_dataset_json
 from autoseg.errors import DatasetError
-from autoseg.fileio import write_json
 from autoseg.paths import dataset_folder_name, raw_root
 from autoseg.workers import pool_initializer
 
@@ -38,6 +44,10 @@ _TASK_FOLDER = re.compile(r"^Task(\d+)_(.+)$")
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 # Keys of the MSD dataset.json worth keeping (provenance and licence travel with the data).
 _PROVENANCE_KEYS = ("reference", "licence", "license", "release")  # not tensorImageSize: "4D" stops being true
+# --regions: the BraTS regions over MSD Task01's values (key order = region order = paint order)
+BRATS_REGIONS = {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": [3]}
+BRATS_REGIONS_CLASS_ORDER = [1, 2, 3]
+BRATS_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,18 @@ def msd_to_dataset_json(msd: dict[str, Any], num_training: int, source: str) -> 
         if key in msd:
             converted[key] = msd[key]
     return converted
+
+
+def to_brats_regions(converted: dict[str, Any], source: str) -> dict[str, Any]:
+    """``converted`` (our dataset.json of an MSD task) with the BraTS regions as its labels; DatasetError
+    when the task is not BraTS-like (4 channels, label values exactly 0..3)."""
+    values = sorted(converted["labels"].values())
+    channels = len(converted["channel_names"])
+    if channels != BRATS_CHANNELS or values != [0, 1, 2, 3]:
+        raise DatasetError(f"{source}: --regions fits BraTS-like tasks (4 channels, labels 0-3 = background, "
+                           f"oedema, non-enhancing, enhancing), found {channels} channel(s) and labels {values}; "
+                           "convert this task without --regions")
+    return {**converted, "labels": dict(BRATS_REGIONS), "regions_class_order": list(BRATS_REGIONS_CLASS_ORDER)}
 
 
 def split_channels(image: sitk.Image, num_channels: int, source: str) -> list[sitk.Image]:
@@ -184,12 +206,13 @@ def _run(jobs: list[_CaseJob], num_workers: int) -> None:
 
 
 def convert_msd(task_dir: str | os.PathLike, root: str | os.PathLike | None = None, number: int | None = None,
-                name: str | None = None, overwrite: bool = False, num_workers: int = 2) -> Path:
+                name: str | None = None, overwrite: bool = False, num_workers: int = 2, regions: bool = False) -> Path:
     """Convert the MSD task in ``task_dir`` into ``<root>/raw/DatasetXXX_Name`` and return that folder.
 
     ``number``/``name`` default to the task folder's (``Task04_Hippocampus`` -> 4, ``Hippocampus``). Refuses
     to replace an existing dataset unless ``overwrite``. ``num_workers`` processes convert cases in parallel.
-    The task folder is only read.
+    The task folder is only read. ``regions``: declare the BraTS regions (module docstring); refused with a
+    DatasetError for a task they do not fit, before anything is written.
     """
     task_dir = Path(task_dir).expanduser().resolve()
     msd_json = task_dir / DATASET_JSON
@@ -235,13 +258,15 @@ def convert_msd(task_dir: str | os.PathLike, root: str | os.PathLike | None = No
             log.warning("%s says numTraining %d but %s/ holds %d images; using the files", msd_json, listed,
                         IMAGES_TRAIN, num_training)
         dataset_json = msd_to_dataset_json(msd, num_training, str(msd_json))
+        if regions:
+            dataset_json = to_brats_regions(dataset_json, str(msd_json))
         parse_dataset_spec(dataset_json, str(msd_json))  # fail before any conversion work
         for folder in {Path(j.image_out) for j in jobs} | {Path(j.label_out) for j in jobs if j.label_out}:
             folder.mkdir(parents=True, exist_ok=True)
         log.info("converting %d training and %d test cases of %s", num_training, len(jobs) - num_training, task_dir.name)
         _run(jobs, num_workers)
         dataset_json["description"] = (dataset_json["description"] + f" (converted from {task_dir.name})").strip()
-        write_json(tmp / DATASET_JSON, dataset_json)
+        write_dataset_json(tmp / DATASET_JSON, dataset_json)  # key order kept: it is the region order
         if target.exists():  # overwrite: move the old one aside first so the swap is two renames
             old = target.parent / f".{target.name}.replaced-{os.getpid()}"
             os.replace(target, old)

@@ -4,6 +4,16 @@ Each case is a smooth "body" with two touching objects: an ellipsoid (label 1) a
 (label 2), on a noisy, bias-field-modulated background. Shapes, spacing, positions and intensities vary per
 case; case ``i`` depends only on ``(seed, i)``. 2D datasets are written as PNG (optionally RGB) or NIfTI;
 3D datasets as NIfTI with anisotropic spacing and, if asked, a rotated direction and a non-zero origin.
+
+Two more kinds (``SyntheticSpec.kind``) exercise the other dataset.json label forms (docs/datasets.md):
+
+- ``"regions"``: a BraTS-like nested lesion: value 1 (outer shell), 2 (inner part) and 3 (innermost core),
+  declared as the regions ``whole`` [1, 2, 3], ``core`` [2, 3] and ``enhancing`` [3] with
+  ``regions_class_order`` [1, 2, 3]; every channel shows the three values with its own contrast (use
+  ``channels=4`` for the BraTS channel count).
+- ``"sparse"``: the two objects of the default kind, but only every ``annotated_every``-th slice along the
+  first axis is annotated; the other voxels are ``ignore`` (value 3). The dense truth of every training
+  case is kept beside it in ``labelsTr_dense/``, to score predictions against.
 """
 from __future__ import annotations
 
@@ -15,11 +25,17 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from autoseg.dataset.cases import IMAGES_TEST, IMAGES_TRAIN, LABELS_TRAIN
-from autoseg.dataset.spec import DATASET_JSON
-from autoseg.fileio import write_json
+from autoseg.dataset.spec import DATASET_JSON, write_dataset_json
 from autoseg.io import Geometry, write_image, write_segmentation
 
 LABELS = {"background": 0, "object": 1, "satellite": 2}
+# kind "regions": key order is region order (whole, core, enhancing), painted 1, 2, 3 (nested: last wins)
+REGION_LABELS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": [3]}
+REGIONS_CLASS_ORDER = [1, 2, 3]
+# kind "sparse": the default classes plus the ignore label (highest value + 1)
+SPARSE_LABELS = {**LABELS, "ignore": 3}
+DENSE_LABELS_FOLDER = "labelsTr_dense"
+KINDS = ("labels", "regions", "sparse")
 
 
 @dataclass(frozen=True)
@@ -37,6 +53,8 @@ class SyntheticSpec:
     file_ending: str = ".nii.gz"
     oblique: bool = False  # rotated direction cosines and a non-zero origin, to exercise geometry handling
     seed: int = 0
+    kind: str = "labels"  # "labels", "regions" (nested regions) or "sparse" (ignore label), see the module doc
+    annotated_every: int = 3  # kind "sparse": one annotated slice (first axis) in this many
 
 
 def _rotation(seed: int, dims: int) -> tuple[float, ...]:
@@ -65,8 +83,13 @@ def make_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, 
     radius2 = [r * rng.uniform(0.55, 0.7) for r in radius]
     d2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre2, radius2))
     label = np.zeros(shape, np.uint8)
-    label[d2 < 1.0] = 2
-    label[d1 < 1.0] = 1
+    if spec.kind == "regions":  # nested shells of one lesion (a BraTS tumour: oedema, core, enhancing)
+        label[d1 < 1.0] = 1
+        label[d1 < 0.45] = 2
+        label[d1 < 0.15] = 3
+    else:
+        label[d2 < 1.0] = 2
+        label[d1 < 1.0] = 1
 
     body = sum(((g - e / 2) / (e * 0.47)) ** 2 for g, e in zip(grids[-2:], extent[-2:])) < 1.0
     sigma = tuple(4.0 / sp for sp in spacing)
@@ -84,6 +107,8 @@ def make_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, 
         image = np.where(body, tissue, background) + smooth * body
         image[label == 1] = obj + smooth[label == 1] * 0.5
         image[label == 2] = sat + smooth[label == 2] * 0.5
+        if spec.kind == "regions":  # the innermost value: bright in even channels, dark in odd ones
+            image[label == 3] = tissue + (350.0 if channel % 2 == 0 else -250.0) + smooth[label == 3] * 0.5
         image = gaussian_filter(image, 0.7) + rng.normal(0, noise, shape) * (body if spec.modality != "CT" else 1)
         if spec.rgb or spec.file_ending in (".png", ".bmp"):
             image = np.clip((image - image.min()) / (np.ptp(image) + 1e-8) * 255.0, 0, 255)
@@ -96,10 +121,24 @@ def make_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, 
     return np.stack(images), label, geometry
 
 
+def sparse_label(label: np.ndarray, annotated_every: int, ignore_value: int = SPARSE_LABELS["ignore"]) -> np.ndarray:
+    """``label`` ``[*S]`` with every slice along the first axis set to ``ignore_value`` except slices
+    ``annotated_every // 2``, ``+ annotated_every``, ... (the middle of each group, so the object is hit)."""
+    if annotated_every < 1:
+        raise ValueError(f"annotated_every must be >= 1, got {annotated_every}")
+    sparse = np.full_like(label, ignore_value)
+    keep = slice(annotated_every // 2, None, annotated_every)
+    sparse[keep] = label[keep]
+    return sparse
+
+
 def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Write a complete raw dataset (dataset.json, imagesTr, labelsTr, optional imagesTs/labelsTs)."""
+    """Write a complete raw dataset (dataset.json, imagesTr, labelsTr, optional imagesTs/labelsTs; kind
+    "sparse" also labelsTr_dense)."""
     if spec.dims != len(spec.shape) or len(spec.shape) != len(spec.spacing):
         raise ValueError("shape and spacing must both have `dims` entries")
+    if spec.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
     out = Path(out_dir)
     natural = spec.file_ending in (".png", ".bmp", ".tif", ".tiff")
     for index in range(spec.num_cases + spec.num_test):
@@ -116,6 +155,9 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) 
             for channel, image in enumerate(images):
                 data = image.astype(np.uint8) if natural else image
                 write_image(data, geometry, image_dir / f"{case_id}_{channel:04d}{spec.file_ending}")
+        if spec.kind == "sparse" and training:
+            write_segmentation(label, geometry, out / DENSE_LABELS_FOLDER / f"{case_id}{spec.file_ending}")
+            label = sparse_label(label, spec.annotated_every)
         write_segmentation(label, geometry, label_dir / f"{case_id}{spec.file_ending}")
     if spec.rgb:
         channel_names = {"0": "R", "1": "G", "2": "B"}
@@ -123,17 +165,17 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) 
         channel_names = {str(c): "CT" for c in range(spec.channels)}
     else:
         channel_names = {str(c): f"MRI{c}" if spec.channels > 1 else "MRI" for c in range(spec.channels)}
-    write_json(
-        out / DATASET_JSON,
-        {
-            "channel_names": channel_names,
-            "labels": LABELS,
-            "numTraining": spec.num_cases,
-            "file_ending": spec.file_ending,
-            "name": out.name,
-            "description": f"autoseg synthetic dataset (seed {spec.seed}, {spec.dims}D)",
-        },
-    )
+    dataset_json = {
+        "channel_names": channel_names,
+        "labels": {"labels": LABELS, "regions": REGION_LABELS, "sparse": SPARSE_LABELS}[spec.kind],
+        "numTraining": spec.num_cases,
+        "file_ending": spec.file_ending,
+        "name": out.name,
+        "description": f"autoseg synthetic dataset (seed {spec.seed}, {spec.dims}D)",
+    }
+    if spec.kind == "regions":
+        dataset_json["regions_class_order"] = REGIONS_CLASS_ORDER
+    write_dataset_json(out / DATASET_JSON, dataset_json)
     return out
 
 

@@ -401,7 +401,9 @@ def _check_case(task: _CaseTask) -> _CaseResult:
                     "every voxel is background 0", "check that the right label file was exported; a case without "
                     "the structure is fine to keep, it trains as a negative example", severity=WARNING,
                     check="empty label"))
-            undeclared = [(int(v), int(n)) for v, n in zip(values, counts) if int(v) not in spec.labels.values()]
+            # declared = background, classes or region members, and the ignore value
+            declared = set(spec.label_values)
+            undeclared = [(int(v), int(n)) for v, n in zip(values, counts) if int(v) not in declared]
             if not task.check_label_values:
                 undeclared = []
             if task.check_label_values and _is_8bit_mask(result.label_values, spec):
@@ -426,7 +428,7 @@ def _check_case(task: _CaseTask) -> _CaseResult:
 def _is_8bit_mask(values: Sequence[int], spec: DatasetSpec) -> bool:
     """A label holding 0 and 255 (and nothing else undeclared) where dataset.json declares far fewer labels:
     the usual result of saving a binary mask as an 8-bit image (white = 255)."""
-    undeclared = {v for v in values if v not in spec.labels.values()}
+    undeclared = {v for v in values if v not in spec.label_values}
     return undeclared == {255} and 0 in values and max(spec.label_values) < 255
 
 
@@ -654,7 +656,7 @@ def verify_dataset(raw_dir: str | os.PathLike, num_workers: int = 2) -> VerifyRe
 
     seen = {v for r in results if r.is_training for v in r.label_values}
     if seen and spec_known:
-        for value in spec.foreground_labels:
+        for value in spec.foreground_labels:  # an unused ignore value is fine: a fully annotated dataset
             if value not in seen:
                 report.problems.append(Problem(
                     DATASET_JSON, f"label '{spec.label_name(value)}' ({value}) present in some training case",

@@ -13,7 +13,13 @@ the classic silent bug of this field. Either makes ``ok`` False.
      "per_case": [{"case_id", "prediction", "reference", "geometry_mismatch": [str], "error": str | null,
                    "metrics": {"1": {"dice": ..., "iou": ..., "hd95": ..., "nsd": ..., ...}}}],
      "mean": {"1": {"dice": ..., "n": cases}}, "foreground_mean": {"dice": ...},
-     "problems": [str]}
+     "problems": [str], "regions": {"1": [1, 2, 3]}, "ignore_value": 4 | null}
+
+Region datasets (dataset.json labels that are lists): the keys ``"1"``, ``"2"``, ... are the regions in
+dataset.json order (``regions`` gives each key's label values, ``label_names`` its name), and both maps are
+turned into region masks before comparing. Plain datasets: the keys are the label values and ``regions`` is
+empty. ``ignore_value``: voxels the reference marks with it are left out of every metric
+(:mod:`autoseg.evaluation.metrics` says how). Both fields are absent from summaries written before them.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from autoseg.dataset.labels import LabelScheme
 from autoseg.errors import AutosegError, DatasetError, ImageReadError
 from autoseg.evaluation.parallel import run_all
 from autoseg.fileio import read_json, write_json
@@ -57,6 +64,8 @@ class EvaluationSummary:
     prediction_dir: str = ""
     reference_dir: str = ""
     file_ending: str = ""
+    regions: dict[str, list[int]] = field(default_factory=dict)  # key -> label values (region datasets)
+    ignore_value: int | None = None
 
     @property
     def mean_foreground_dice(self) -> float:
@@ -85,6 +94,8 @@ class EvaluationSummary:
             "mean": self.mean,
             "foreground_mean": self.foreground_mean,
             "problems": list(self.problems),
+            "regions": {k: list(v) for k, v in self.regions.items()},
+            "ignore_value": self.ignore_value,
         }
 
     @classmethod
@@ -101,6 +112,8 @@ class EvaluationSummary:
             prediction_dir=str(data.get("prediction_dir", "")),
             reference_dir=str(data.get("reference_dir", "")),
             file_ending=str(data.get("file_ending", "")),
+            regions={str(k): [int(x) for x in v] for k, v in (data.get("regions") or {}).items()},
+            ignore_value=None if data.get("ignore_value") is None else int(data["ignore_value"]),
         )
 
 
@@ -143,8 +156,20 @@ def list_segmentations(folder: str | os.PathLike, ending: str) -> dict[str, Path
     return found
 
 
-def _dataset_labels(reference_dir: Path) -> dict[int, str] | None:
-    """Foreground labels and names from the dataset.json next to a labelsTr folder, if there is one."""
+def evaluation_keys(scheme: LabelScheme) -> tuple[list[int], dict[int, str], dict[int, list[int]] | None]:
+    """What a summary scores for a dataset: ``(keys, names, regions)``. Plain classes: the foreground label
+    values, their names, None. Regions: ``1..R`` in dataset.json order, the region names, and
+    ``{key: label values}``."""
+    if scheme.has_regions:
+        regions = {index + 1: list(values) for index, (_, values) in enumerate(scheme.regions)}
+        names = {index + 1: name for index, (name, _) in enumerate(scheme.regions)}
+        return list(regions), names, regions
+    names = {values[0]: name for name, values in scheme.evaluation_units()}
+    return sorted(names), names, None
+
+
+def _dataset_scheme(reference_dir: Path) -> LabelScheme | None:
+    """The label scheme of the dataset.json next to a labelsTr folder, if there is one."""
     from autoseg.dataset import load_dataset_spec
 
     for candidate in (reference_dir, reference_dir.parent):
@@ -153,17 +178,20 @@ def _dataset_labels(reference_dir: Path) -> dict[int, str] | None:
                 spec = load_dataset_spec(candidate)
             except AutosegError:
                 return None
-            return {value: spec.label_name(value) for value in spec.foreground_labels}
+            return spec.label_scheme
     return None
 
 
 # ------------------------------------------------------------------------------------------- per case
-def _evaluate_case(job: tuple[str, str, str, list[int] | None, float]) -> dict[str, Any]:
+def _evaluate_case(
+    job: tuple[str, str, str, list[int] | None, float, dict[int, list[int]] | None, int | None],
+) -> dict[str, Any]:
     """Worker: read one prediction/reference pair and compute its metrics (top level so it pickles for the
-    process pool; only paths and numbers cross the process boundary)."""
+    process pool; only paths and numbers cross the process boundary). ``regions``/``ignore_value``: as
+    :func:`autoseg.evaluation.metrics.case_metrics` takes them."""
     from autoseg.evaluation.metrics import case_metrics
 
-    case_id, prediction_path, reference_path, labels, tolerance_mm = job
+    case_id, prediction_path, reference_path, labels, tolerance_mm, regions, ignore_value = job
     record: dict[str, Any] = {
         "case_id": case_id,
         "prediction": prediction_path,
@@ -187,11 +215,12 @@ def _evaluate_case(job: tuple[str, str, str, list[int] | None, float]) -> dict[s
         return record
     if labels is None:
         present = {int(v) for v in np.unique(reference)} | {int(v) for v in np.unique(prediction)}
-        labels = sorted(present - {0})
+        labels = sorted(present - {0, ignore_value})
     record["num_voxels"] = int(reference.size)
     record["metrics"] = {
         str(label): values
-        for label, values in case_metrics(reference, prediction, labels, reference_geometry.spacing, tolerance_mm).items()
+        for label, values in case_metrics(reference, prediction, labels, reference_geometry.spacing, tolerance_mm,
+                                          regions=regions, ignore_value=ignore_value).items()
     }
     return record
 
@@ -212,15 +241,25 @@ def evaluate_pairs(
     num_workers: int = 2,
     label_names: dict[int, str] | None = None,
     description: str = "evaluating",
+    label_scheme: LabelScheme | None = None,
 ) -> EvaluationSummary:
     """Evaluate ``(case_id, prediction_file, reference_file)`` triples; nothing is written.
 
-    ``labels`` None: every non-zero value found in any reference or prediction. Cases run in ``num_workers``
-    processes (spawned, so a caller that already holds CUDA or torch threads is safe).
+    ``label_scheme``: the dataset's labels; it decides the scored units (:func:`evaluation_keys`: classes,
+    or regions by key ``1..R``), their default names and the ignore value. ``labels`` None: every unit of
+    the scheme; without a scheme, every non-zero value found in any reference or prediction. Cases run in
+    ``num_workers`` processes (spawned, so a caller that already holds CUDA or torch threads is safe).
     """
     if tolerance_mm < 0 or not math.isfinite(tolerance_mm):
         raise AutosegError(f"NSD tolerance must be a finite number of mm >= 0, found {tolerance_mm}")
-    jobs = [(cid, str(p), str(r), None if labels is None else [int(v) for v in labels], float(tolerance_mm))
+    regions, ignore_value = None, None
+    if label_scheme is not None:
+        keys, names, regions = evaluation_keys(label_scheme)
+        labels = keys if labels is None else labels
+        label_names = names if label_names is None else label_names
+        ignore_value = label_scheme.ignore_value
+    jobs = [(cid, str(p), str(r), None if labels is None else [int(v) for v in labels], float(tolerance_mm),
+             regions, ignore_value)
             for cid, p, r in sorted(pairs, key=lambda t: t[0])]
     records: list[dict[str, Any]] = run_all(_evaluate_case, jobs, num_workers, description)
 
@@ -258,6 +297,8 @@ def evaluate_pairs(
         label_names=names,
         tolerance_mm=float(tolerance_mm),
         problems=problems,
+        regions={str(k): list(v) for k, v in (regions or {}).items() if int(k) in labels},
+        ignore_value=ignore_value,
     )
 
 
@@ -269,12 +310,14 @@ def evaluate_folders(
     num_workers: int = 2,
     file_ending: str | None = None,
     case_ids: Sequence[str] | None = None,
+    label_scheme: LabelScheme | None = None,
 ) -> EvaluationSummary:
     """Evaluate every prediction in ``prediction_dir`` against the same-named file in ``reference_dir`` and
     write ``<prediction_dir>/summary.json`` atomically.
 
-    ``labels``: label values to evaluate (default: the foreground labels of the dataset.json beside
-    ``reference_dir`` if there is one, else every non-zero value found). ``file_ending``: detected from the
+    ``labels``: label values (region datasets: region keys) to evaluate; default: every class or region of
+    ``label_scheme``, which defaults to the dataset.json beside ``reference_dir`` if there is one; without
+    either, every non-zero value found. ``file_ending``: detected from the
     prediction folder when None. ``case_ids``: evaluate exactly these cases (a missing prediction is then a
     problem); default: every prediction found. A prediction without a reference is a problem too.
     """
@@ -300,10 +343,8 @@ def evaluate_folders(
             )
         else:
             pairs.append((case_id, predictions[case_id], references[case_id]))
-    dataset_labels = _dataset_labels(reference_dir)
-    if labels is None and dataset_labels is not None:
-        labels = sorted(dataset_labels)
-    summary = evaluate_pairs(pairs, labels, tolerance_mm, num_workers, label_names=dataset_labels)
+    scheme = label_scheme if label_scheme is not None else _dataset_scheme(reference_dir)
+    summary = evaluate_pairs(pairs, labels, tolerance_mm, num_workers, label_scheme=scheme)
     summary.problems = problems + summary.problems
     summary.ok = summary.ok and not problems and bool(pairs)
     summary.prediction_dir, summary.reference_dir, summary.file_ending = str(prediction_dir), str(reference_dir), ending

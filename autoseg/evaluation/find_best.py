@@ -27,7 +27,8 @@ import numpy as np
 from autoseg.contracts.postprocessing import PostprocessingRules, save_postprocessing
 from autoseg.dataset import load_dataset_spec
 from autoseg.errors import ConfigurationError, DatasetError, ImageReadError
-from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_pairs
+from autoseg.dataset.labels import LabelScheme
+from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_pairs, evaluation_keys
 from autoseg.evaluation.parallel import run_all
 from autoseg.evaluation.postprocessing import decide_postprocessing
 from autoseg.fileio import read_json, write_json
@@ -157,10 +158,11 @@ def collect_model(
 
 
 # ------------------------------------------------------------------------------------------- ensembles
-def _ensemble_case(job: tuple[str, str, str, str]) -> str:
-    """Worker: average two probability files ``[K, *shape]``, argmax, write with the geometry of the first
-    model's segmentation."""
-    first_npz, second_npz, first_segmentation, target = job
+def _ensemble_case(job: tuple[str, str, str, str, dict[str, Any] | None]) -> str:
+    """Worker: average two probability files ``[K, *shape]``, argmax (region datasets: sigmoid outputs
+    ``[R, *shape]``, painted with ``LabelScheme.paint``), write with the geometry of the first model's
+    segmentation."""
+    first_npz, second_npz, first_segmentation, target, scheme_json = job
     arrays = []
     for path in (first_npz, second_npz):
         with np.load(path, allow_pickle=False) as npz:
@@ -173,16 +175,22 @@ def _ensemble_case(job: tuple[str, str, str, str]) -> str:
             "both models must predict the same label set in the original image grid"
         )
     _, geometry = read_segmentation(first_segmentation)
-    segmentation = np.argmax(arrays[0] + arrays[1], axis=0).astype(np.uint8)  # mean and sum share the argmax
+    scheme = None if scheme_json is None else LabelScheme.from_json(scheme_json)
+    if scheme is not None and scheme.has_regions:
+        segmentation = scheme.paint((arrays[0] + arrays[1]) / 2)  # mean probability of each region > 0.5
+    else:
+        segmentation = np.argmax(arrays[0] + arrays[1], axis=0).astype(np.uint8)  # mean and sum share the argmax
     write_segmentation(segmentation, geometry, target)
     return target
 
 
 def build_ensemble(
-    first: Candidate, second: Candidate, output: Path, ending: str, num_workers: int = 2
+    first: Candidate, second: Candidate, output: Path, ending: str, num_workers: int = 2,
+    label_scheme: LabelScheme | None = None,
 ) -> Candidate | None:
     """The pairwise ensemble's predictions written into ``output``; None (with a warning) when either
-    model lacks probabilities for a case the two share."""
+    model lacks probabilities for a case the two share. ``label_scheme`` with regions: probabilities are
+    per-region sigmoids, painted instead of arg-maxed."""
     cases = sorted(set(first.predictions) & set(second.predictions))
     lacking = [c for c in cases if c not in first.probabilities or c not in second.probabilities]
     if lacking or not cases:
@@ -192,7 +200,8 @@ def build_ensemble(
         )
         return None
     jobs = [
-        (str(first.probabilities[c]), str(second.probabilities[c]), str(first.predictions[c]), str(output / f"{c}{ending}"))
+        (str(first.probabilities[c]), str(second.probabilities[c]), str(first.predictions[c]), str(output / f"{c}{ending}"),
+         None if label_scheme is None else label_scheme.to_json())
         for c in cases
     ]
     output.mkdir(parents=True, exist_ok=True)
@@ -268,7 +277,8 @@ def find_best(
         )
     spec = load_dataset_spec(location.raw)
     ending = spec.file_ending
-    labels = {value: spec.label_name(value) for value in spec.foreground_labels}
+    scheme = spec.label_scheme
+    _, labels, _ = evaluation_keys(scheme)  # {key: name}: foreground classes, or regions 1..R
     references = location.raw / "labelsTr"
     if not location.results.is_dir():
         raise ConfigurationError(
@@ -312,7 +322,8 @@ def find_best(
 
     work = location.results / WORK_FOLDER
     for first, second in itertools.combinations(list(candidates), 2):
-        ensemble = build_ensemble(first, second, work / ENSEMBLES_FOLDER / f"{first.name}--{second.name}", ending, num_workers)
+        ensemble = build_ensemble(first, second, work / ENSEMBLES_FOLDER / f"{first.name}--{second.name}", ending,
+                                  num_workers, scheme)
         if ensemble is not None:
             candidates.append(ensemble)
 
@@ -325,7 +336,8 @@ def find_best(
             )
         pairs = [(c, p, references / f"{c}{ending}") for c, p in sorted(candidate.predictions.items())]
         candidate.summary = evaluate_pairs(
-            pairs, sorted(labels), tolerance_mm, num_workers, label_names=labels, description=f"evaluating {candidate.name}"
+            pairs, sorted(labels), tolerance_mm, num_workers, label_names=labels, description=f"evaluating {candidate.name}",
+            label_scheme=scheme,
         )
         write_json(work / "summaries" / f"{candidate.name.replace(' + ', '--')}.json", candidate.summary.to_json())
         log.info("%s: mean foreground Dice %.4f", candidate.name, candidate.score)
@@ -337,6 +349,7 @@ def find_best(
         [(best.predictions[c], references / f"{c}{ending}") for c in sorted(best.predictions)],
         sorted(labels),
         num_workers,
+        label_scheme=scheme,
     )
     if best.is_ensemble:
         rules_folder = location.results / ENSEMBLES_FOLDER / "--".join(best.members)

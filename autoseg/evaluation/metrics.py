@@ -24,6 +24,16 @@ Conventions (stated once here, repeated in docs/evaluation.md):
   ``(|{p in S_pred: d(p, S_ref) <= tau}| + |{r in S_ref: d(r, S_pred) <= tau}|) / (|S_pred| + |S_ref|)``.
 
 Every function works for 2D (``[Y, X]``) and 3D (``[Z, Y, X]``) masks; spacing is in the same axis order.
+
+Region datasets and the ignore label (docs/datasets.md):
+
+- A scored unit is a class (the voxels holding one label value) or a region (the voxels holding any of its
+  values, ``regions`` in :func:`case_metrics`); reference and prediction are both turned into the unit's mask.
+- Voxels whose *reference* is the ignore value are unannotated and left out of everything: the prediction
+  is cut to the annotated voxels before counting (so TP/FP/FN/TN and the volumes count annotated voxels only)
+  and before its surface is taken. The choice for surfaces: where a predicted object runs into an
+  unannotated area, the cut edge counts as prediction surface, so HD95/NSD measure the prediction as seen
+  through the annotation; a predicted object lying wholly in the unannotated area is not seen at all.
 """
 from __future__ import annotations
 
@@ -167,6 +177,7 @@ def class_metrics(
     spacing: Sequence[float],
     tolerance_mm: float = 1.0,
     surface: bool = True,
+    annotated: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics of one class in one case.
 
@@ -174,6 +185,8 @@ def class_metrics(
     order. Returns the floats named in METRIC_NAMES and COUNT_NAMES (counts as floats for JSON uniformity)
     plus ``reference_empty`` / ``prediction_empty`` (0.0 or 1.0). ``surface=False`` skips the distance
     transforms: the ``hd95`` and ``nsd`` keys are then absent rather than filled with invented values.
+    ``annotated``: boolean mask of the voxels that count (False on the reference's ignore voxels); both masks
+    are cut to it and TN counts only annotated voxels (module docstring).
     """
     reference = np.asarray(reference, dtype=bool)
     prediction = np.asarray(prediction, dtype=bool)
@@ -181,7 +194,14 @@ def class_metrics(
         raise ValueError(f"reference shape {reference.shape} differs from prediction shape {prediction.shape}")
     if len(spacing) != reference.ndim:
         raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} entries for a {reference.ndim}D mask")
+    if annotated is not None:
+        annotated = np.asarray(annotated, dtype=bool)
+        if annotated.shape != reference.shape:
+            raise ValueError(f"annotated shape {annotated.shape} differs from reference shape {reference.shape}")
+        reference, prediction = reference & annotated, prediction & annotated
     tp, fp, fn, tn = confusion_counts(reference, prediction)
+    if annotated is not None:
+        tn -= int(annotated.size - np.count_nonzero(annotated))  # unannotated voxels are no true negatives
     voxel_volume = float(np.prod(spacing))
     result: dict[str, float] = {
         "dice": reported_dice(tp, fp, fn),
@@ -210,6 +230,14 @@ def class_metrics(
     return result
 
 
+def unit_mask(segmentation: np.ndarray, key: int, regions: Mapping[int, Sequence[int]] | None = None) -> np.ndarray:
+    """Boolean mask of one scored unit: ``segmentation == key``, or, when ``regions`` maps ``key`` to label
+    values, the voxels holding any of them."""
+    if regions is not None and key in regions:
+        return np.isin(segmentation, list(regions[key]))
+    return segmentation == key
+
+
 def case_metrics(
     reference: np.ndarray,
     prediction: np.ndarray,
@@ -217,14 +245,22 @@ def case_metrics(
     spacing: Sequence[float],
     tolerance_mm: float = 1.0,
     surface: bool = True,
+    regions: Mapping[int, Sequence[int]] | None = None,
+    ignore_value: int | None = None,
 ) -> dict[int, dict[str, float]]:
-    """``{label: class_metrics}`` for every label of one case (label maps ``[(Z,) Y, X]`` of equal shape)."""
+    """``{label: class_metrics}`` for every label of one case (label maps ``[(Z,) Y, X]`` of equal shape).
+
+    ``regions``: ``{key: label values}`` for region datasets; each key in ``labels`` is then scored on the
+    region masks of both maps (:func:`unit_mask`). ``ignore_value``: voxels where the *reference* holds it
+    are left out (``annotated`` of :func:`class_metrics`)."""
     reference = np.asarray(reference)
     prediction = np.asarray(prediction)
     if reference.shape != prediction.shape:
         raise ValueError(f"reference shape {reference.shape} differs from prediction shape {prediction.shape}")
+    annotated = None if ignore_value is None else reference != ignore_value
     return {
-        int(label): class_metrics(reference == label, prediction == label, spacing, tolerance_mm, surface)
+        int(label): class_metrics(unit_mask(reference, int(label), regions), unit_mask(prediction, int(label), regions),
+                                  spacing, tolerance_mm, surface, annotated)
         for label in labels
     }
 

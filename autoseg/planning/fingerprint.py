@@ -85,9 +85,10 @@ def intensity_statistics(values: np.ndarray) -> IntensityStats:
 
 
 def sample_foreground(
-    image: np.ndarray, label: np.ndarray, num_samples: int, seed: Sequence[int]
+    image: np.ndarray, label: np.ndarray, num_samples: int, seed: Sequence[int], ignore_value: int | None = None
 ) -> np.ndarray:
-    """``num_samples`` foreground voxels (label > 0) of every channel, ``[C, num_samples]`` float32
+    """``num_samples`` foreground voxels (label > 0, never ``ignore_value``: unannotated voxels may be
+    anything) of every channel, ``[C, num_samples]`` float32
     (``[C, 0]`` when the case has no foreground).
 
     Drawn with replacement, so every case contributes the same number of samples whatever its foreground
@@ -95,7 +96,9 @@ def sample_foreground(
     case with replacement). The same voxel positions are used for every channel. ``seed`` seeds a
     ``numpy.random.default_rng``.
     """
-    foreground = np.flatnonzero(label.reshape(-1) > 0)
+    flat_label = label.reshape(-1)
+    foreground = np.flatnonzero((flat_label > 0) & (flat_label != ignore_value) if ignore_value is not None
+                                else flat_label > 0)
     if foreground.size:
         rng = np.random.default_rng(list(seed))
         foreground = np.sort(rng.choice(foreground, size=num_samples, replace=True))
@@ -109,8 +112,11 @@ class _CaseResult:
     samples: np.ndarray  # [C, n] float32
 
 
-def fingerprint_case(case: Case, index: int, num_samples: int = SAMPLES_PER_CASE) -> _CaseResult:
-    """Read one case and measure it (runs in a worker; holds one case in memory)."""
+def fingerprint_case(
+    case: Case, index: int, num_samples: int = SAMPLES_PER_CASE, ignore_value: int | None = None
+) -> _CaseResult:
+    """Read one case and measure it (runs in a worker; holds one case in memory). Voxels labelled
+    ``ignore_value`` (the dataset's ignore label) are not foreground: their intensities are not sampled."""
     image, geometry = read_image(case.image_files)
     assert case.label_file is not None
     label, label_geometry = read_segmentation(case.label_file)
@@ -124,11 +130,11 @@ def fingerprint_case(case: Case, index: int, num_samples: int = SAMPLES_PER_CASE
     shape_after = [stop - start for start, stop in box]
     relative = float(np.prod(shape_after, dtype=np.float64) / np.prod(shape_before, dtype=np.float64))
 
-    foreground = label > 0
+    foreground = (label > 0) & (label != ignore_value) if ignore_value is not None else label > 0
     stats = {str(c): intensity_statistics(image[c][foreground]) for c in range(image.shape[0])}
     values, counts = np.unique(label, return_counts=True)
     label_voxels = {str(int(v)): int(n) for v, n in zip(values, counts)}
-    samples = sample_foreground(image, label, num_samples, (SAMPLING_SEED, index))
+    samples = sample_foreground(image, label, num_samples, (SAMPLING_SEED, index), ignore_value)
     return _CaseResult(
         CaseFingerprint(
             case_id=case.case_id,
@@ -143,7 +149,7 @@ def fingerprint_case(case: Case, index: int, num_samples: int = SAMPLES_PER_CASE
     )
 
 
-def _fingerprint_case_star(args: tuple[Case, int, int]) -> _CaseResult:
+def _fingerprint_case_star(args: tuple[Case, int, int, int | None]) -> _CaseResult:
     return fingerprint_case(*args)
 
 
@@ -167,7 +173,9 @@ def summarize(
     return Fingerprint(
         dataset_name=dataset_name,
         channel_names={str(k): v for k, v in sorted(spec.channel_names.items())},
-        labels=dict(sorted(spec.labels.items(), key=lambda kv: kv[1])),
+        # plain labels listed by value as before; region labels keep their order (it is their meaning)
+        labels=dict(spec.labels) if spec.regions_class_order is not None
+        else dict(sorted(spec.labels.items(), key=lambda kv: kv[1])),
         file_ending=spec.file_ending,
         cases=cases,
         intensity_stats=pooled,
@@ -178,6 +186,8 @@ def summarize(
         median_relative_size_after_crop=float(np.median([c.relative_size_after_crop for c in cases])),
         label_volume_median_mm3=label_volumes,
         samples_per_case=num_samples,
+        regions_class_order=None if spec.regions_class_order is None else list(spec.regions_class_order),
+        label_order=list(spec.labels) if spec.regions_class_order is not None else None,
     )
 
 
@@ -206,7 +216,8 @@ def extract_fingerprint(
             f"{raw_dir}: no training cases found (expected labelsTr/<case>{spec.file_ending} with images in "
             f"imagesTr/); run `autoseg verify {raw_dir.name}`"
         )
-    jobs = [(case, index, num_samples) for index, case in enumerate(cases)]
+    ignore_value = spec.label_scheme.ignore_value
+    jobs = [(case, index, num_samples, ignore_value) for index, case in enumerate(cases)]
     bar = dict(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
     if num_workers <= 1 or len(jobs) == 1:
         results = [fingerprint_case(*job) for job in tqdm(jobs, **bar)]

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from autoseg.dataset.labels import LabelScheme
 from autoseg.contracts.fingerprint import Fingerprint
 from autoseg.contracts.plans import (
     NORM_CT,
@@ -439,7 +440,9 @@ def plan_from_fingerprint(
     arch_names = _architectures(architectures)
     dims = fingerprint.dims
     in_channels = len(fingerprint.channel_names)
-    num_classes = len(fingerprint.labels)
+    # network outputs (regions: one each; an ignore label is none), for the memory estimate
+    num_classes = LabelScheme.from_labels(fingerprint.labels, fingerprint.regions_class_order,
+                                          fingerprint.label_order).num_outputs
     # every rule below works in the transposed order (coarse axis first); the fingerprint stays in raw order
     transpose_forward = coarse_axis_first(fingerprint.median_spacing)
     spacings, shapes = fingerprint.spacings[:, transpose_forward], fingerprint.shapes_after_crop[:, transpose_forward]
@@ -618,6 +621,8 @@ def plan_from_fingerprint(
         dataset_name=fingerprint.dataset_name,
         channel_names=dict(fingerprint.channel_names),
         labels=dict(fingerprint.labels),
+        regions_class_order=None if fingerprint.regions_class_order is None else list(fingerprint.regions_class_order),
+        label_order=None if fingerprint.label_order is None else list(fingerprint.label_order),
         file_ending=fingerprint.file_ending,
         configurations=dict(sorted(result.items())),
         default_configurations=defaults,

@@ -91,27 +91,58 @@ def _separate_axis(configuration: Configuration, original_spacing: Sequence[floa
     return choose_separate_axis(original_spacing, target_spacing, resampling.separate_z, resampling.anisotropy_threshold)
 
 
+def location_key(unit: int | Sequence[int]) -> str:
+    """The ``class_locations`` key of a class value (``"2"``) or of a region's values (``"1,2,3"``; a
+    one-value region ``"3"`` is the same voxels as class 3, so it shares the key)."""
+    if isinstance(unit, (int, np.integer)):
+        return str(int(unit))
+    return ",".join(str(int(v)) for v in unit)
+
+
+def _draw_locations(mask: np.ndarray, rng: np.random.Generator, num_samples: int, min_fraction: float) -> list[list[int]]:
+    """Sorted ``[z, y, x]`` indices of up to ``num_samples`` True voxels of ``mask``, at least ``min_fraction``
+    of them, drawn without replacement."""
+    flat = np.flatnonzero(mask)
+    if flat.size == 0:
+        return []
+    count = max(min(num_samples, flat.size), int(math.ceil(flat.size * min_fraction)))
+    chosen = np.sort(rng.choice(flat, size=count, replace=False))
+    return np.stack(np.unravel_index(chosen, mask.shape), axis=1).tolist()
+
+
 def sample_class_locations(
     label: np.ndarray,
-    classes: Sequence[int],
+    classes: Sequence[int | Sequence[int]],
     num_samples: int = CLASS_LOCATION_SAMPLES,
     min_fraction: float = CLASS_LOCATION_MIN_FRACTION,
     seed: int = CLASS_LOCATION_SEED,
 ) -> dict[str, list[list[int]]]:
     """Up to ``num_samples`` voxel indices ``[z, y, x]`` per class of ``label`` (``[Z, Y, X]``), at least
     ``min_fraction`` of the class' voxels, drawn without replacement with a fixed seed and sorted.
-    Keys are the class values as strings; classes absent from the label get an empty list."""
+
+    A class is a label value, or a region: a sequence of values, whose voxels are those holding any of them
+    (region datasets sample per region, so a small nested region is oversampled on its own). Keys are
+    :func:`location_key` (``"2"``, ``"1,2,3"``); classes absent from the label get an empty list."""
     rng = np.random.default_rng(seed)
     locations: dict[str, list[list[int]]] = {}
-    for value in classes:
-        flat = np.flatnonzero(label == value)
-        if flat.size == 0:
-            locations[str(int(value))] = []
-            continue
-        count = max(min(num_samples, flat.size), int(math.ceil(flat.size * min_fraction)))
-        chosen = np.sort(rng.choice(flat, size=count, replace=False))
-        locations[str(int(value))] = np.stack(np.unravel_index(chosen, label.shape), axis=1).tolist()
+    for unit in classes:
+        mask = label == unit if isinstance(unit, (int, np.integer)) else np.isin(label, list(unit))
+        locations[location_key(unit)] = _draw_locations(mask, rng, num_samples, min_fraction)
     return locations
+
+
+def sample_annotated_locations(
+    label: np.ndarray,
+    ignore_value: int,
+    num_samples: int = CLASS_LOCATION_SAMPLES,
+    min_fraction: float = CLASS_LOCATION_MIN_FRACTION,
+    seed: int = CLASS_LOCATION_SEED,
+) -> list[list[int]]:
+    """Voxel indices ``[z, y, x]`` of annotated voxels (label != ``ignore_value``, background included) of
+    ``label`` ``[Z, Y, X]``, drawn as :func:`sample_class_locations` draws a class: a loader centres patches
+    on them so that a sparsely annotated case yields patches with something to learn from."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: the class locations stay as they were
+    return _draw_locations(label != ignore_value, rng, num_samples, min_fraction)
 
 
 def preprocess_case(
@@ -196,8 +227,12 @@ def preprocess_case(
     stored_label = None
     if label is not None:
         stored_label = _label_to_grid(label, properties, configuration)
-        foreground = sorted(v for v in plans.labels.values() if v != 0)
-        properties.class_locations = sample_class_locations(stored_label[0], foreground)
+        # one entry per foreground class or region (never background or ignore): what oversampling draws
+        scheme = plans.label_scheme
+        units = [values if scheme.has_regions else values[0] for _, values in scheme.evaluation_units()]
+        properties.class_locations = sample_class_locations(stored_label[0], units)
+        if scheme.ignore_value is not None:
+            properties.annotated_locations = sample_annotated_locations(stored_label[0], scheme.ignore_value)
     return data, stored_label, properties
 
 

@@ -68,7 +68,12 @@ class CaseProperties:
     shape_after_resampling: list[int]
     # raw array axes in the working order above (Plans.transpose_forward as applied); None: identity
     transpose_forward: list[int] | None = None
-    class_locations: dict[str, list[list[int]]] = field(default_factory=dict)  # label -> [[z, y, x], ...]
+    # foreground class -> [[z, y, x], ...]; keys are label values ("2") or, for region datasets, a region's
+    # values joined by commas ("1,2,3"); background and ignore never have an entry
+    class_locations: dict[str, list[list[int]]] = field(default_factory=dict)
+    # datasets with an ignore label: annotated voxels (background included) to centre patches on; empty when
+    # the dataset has none (every voxel annotated) and in JSONs written before the field (same schema version)
+    annotated_locations: list[list[int]] = field(default_factory=list)
     # what the case was made from (case_provenance); None in JSONs written before the field, which makes a
     # rerun redo the case rather than trust it (optional field: same schema version, old JSONs still load)
     provenance: dict[str, Any] | None = None
