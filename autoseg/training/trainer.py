@@ -93,6 +93,14 @@ def _resolve(dataset: str | int, configuration: str, fold: int | str, root: Any,
             "(it plans and preprocesses)"
         )
     plans = load_plans(plans_file)
+    scheme = plans.label_scheme
+    if scheme.has_regions or scheme.ignore_value is not None:
+        kind = "regions (labels with lists of values)" if scheme.has_regions else "an 'ignore' label"
+        raise ConfigurationError(
+            f"{plans_file}: {location.name} declares {kind}; autoseg verifies, plans, preprocesses and evaluates "
+            "such datasets, but cannot train them yet (docs/datasets.md); train a copy whose dataset.json has "
+            "one integer per label"
+        )
     config = plans.configuration(configuration, architecture)
     train_ids, val_ids = fold_cases(location.preprocessed, fold)
     fold = parse_fold(fold, len(load_splits(location.preprocessed)), location.preprocessed / SPLITS_FILE)

@@ -243,3 +243,16 @@ def test_loss_and_schedule_are_run_options_recorded_and_kept_by_continue(tmp_pat
     with pytest.raises(ConfigurationError, match="unknown loss"):
         train(DATASET, "2d", 1, root=tmp_path, epochs=1, iterations_per_epoch=2, loss="nope", **FAST)
     assert not (folder.parent / "fold_1").exists()  # refused before anything was written
+
+
+def test_region_and_ignore_datasets_are_refused_in_one_line_before_anything_is_written(tmp_path):
+    from autoseg.dataset.synthetic import SyntheticSpec, generate
+    from autoseg.pipeline import plan_dataset
+
+    for kind, name in (("regions", "Dataset981_Regions"), ("sparse", "Dataset982_Sparse")):
+        generate(tmp_path / "raw" / name, SyntheticSpec(kind=kind, num_cases=5, shape=(8, 20, 20),
+                                                        spacing=(2.0, 1.0, 1.0)))
+        plan_dataset(name, root=tmp_path, configurations=["3d_fullres"], num_workers=1, gpu_memory_gb=8)
+        with pytest.raises(ConfigurationError, match="cannot train them yet") as refused:
+            train(name, "3d_fullres", 0, root=tmp_path, epochs=1, iterations_per_epoch=1, **FAST)
+        assert "\n" not in str(refused.value) and not (tmp_path / "results" / name).exists()
