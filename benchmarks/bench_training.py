@@ -9,7 +9,7 @@ by each tool (``autoseg plan``; ``nnUNetv2_plan_and_preprocess -c 3d_fullres``) 
    nnU-Net's 3d_fullres plan of that dataset (its network, patch and batch): nnU-Net's own network built from its
    plans with its public ``get_network_from_plans`` and its own loss classes (``DC_and_CE_loss`` in
    ``DeepSupervisionWrapper``), run in its venv; ours is our ``unet`` with the same features/kernels/strides,
-   patch and batch, through the trainer's own ``_train_step``. Random data (the time does not depend on values).
+   patch and batch, through the trainer's own ``loop.train_step``. Random data (the time does not depend on values).
    Each side runs in its own process (2 warm-up steps, then ``--steps`` timed steps, median), sides alternate
    A B A B for ``--rounds`` rounds; the table gives the median over rounds and the ratio.
    Our variants: fp32 with the default threads (as nnU-Net: torch's default on CPU), and bf16 autocast (what

@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -39,11 +38,9 @@ def test_flops_on_meta_network():
     assert estimate_flops(net, (1, 1, *PLAN_3D["patch_size"])) > 1e9
 
 
-def test_activation_bytes_scale_with_batch_and_dtype_and_are_fast():
-    start = time.perf_counter()
+def test_activation_bytes_scale_with_batch_and_dtype():
+    # (speed is a benchmark's business, never a test's: machines are shared)
     one = activation_bytes(NetworkSpec("unet", 1, 2, **PLAN_3D), batch_size=1)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5
     two = activation_bytes(NetworkSpec("unet", 1, 2, **PLAN_3D), batch_size=2)
     assert two == 2 * one
     fp32 = activation_bytes(NetworkSpec("unet", 1, 2, **PLAN_3D), batch_size=1, dtype_bytes=4)
