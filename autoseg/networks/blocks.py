@@ -183,6 +183,18 @@ def nnunet_deep_supervision_weights(num_outputs: int) -> list[float]:
     return [w / total for w in weights]
 
 
+def nnunet_deep_supervision(strides: Sequence[Sequence[int]], deep_supervision: bool
+                            ) -> tuple[list[tuple[float, ...]], list[float]]:
+    """The SegmentationNetwork protocol's ``(ds_scales, ds_weights)`` of a U-Net whose decoder stages
+    0 .. n-2 each have a head: at ``1/cumprod(strides)``, highest resolution first, nnU-Net's weights; without
+    deep supervision the one full-resolution output, weight 1."""
+    dims = len(strides[0])
+    if not deep_supervision:
+        return [(1.0,) * dims], [1.0]
+    scales = cumulative_strides(strides)[: len(strides) - 1]
+    return [tuple(1.0 / f for f in factor) for factor in scales], nnunet_deep_supervision_weights(len(strides) - 1)
+
+
 def avg_pool_class(dims: int) -> type[nn.Module]:
     """``nn.AvgPool2d`` or ``nn.AvgPool3d``."""
     return {2: nn.AvgPool2d, 3: nn.AvgPool3d}[_check_dims(dims)]

@@ -24,9 +24,8 @@ from autoseg.networks.blocks import (
     ConvNormAct,
     ResidualBlock,
     conv_class,
-    cumulative_strides,
     init_kaiming,
-    nnunet_deep_supervision_weights,
+    nnunet_deep_supervision,
     strided_unet_constraints,
     transposed_conv_class,
 )
@@ -108,14 +107,8 @@ class ResidualEncoderUNet(nn.Module):
             # a head on every decoder stage even without deep supervision, as unet (checkpoints load either way)
             self.heads.append(conv_class(dims)(features[s - 1], num_classes, 1, bias=True))
 
-        # protocol members, as unet: decoder stages 0 .. n-2 at 1/cumprod(strides) with deep supervision,
-        # else the one full-resolution output
-        self.ds_scales: list[tuple[float, ...]] = [(1.0,) * dims]
-        self.ds_weights: list[float] = [1.0]
-        if deep_supervision:
-            scales = cumulative_strides(strides)[: n_stages - 1]
-            self.ds_scales = [tuple(1.0 / f for f in factor) for factor in scales]
-            self.ds_weights = nnunet_deep_supervision_weights(n_stages - 1)
+        # protocol members (blocks.nnunet_deep_supervision)
+        self.ds_scales, self.ds_weights = nnunet_deep_supervision(strides, deep_supervision)
 
         # Kaiming on every conv; ResidualBlock has already zeroed its last norm, which this leaves alone
         self.apply(init_kaiming)

@@ -16,9 +16,8 @@ from torch import nn
 from autoseg.networks.blocks import (
     ConvNormAct,
     conv_class,
-    cumulative_strides,
     init_kaiming,
-    nnunet_deep_supervision_weights,
+    nnunet_deep_supervision,
     strided_unet_constraints,
     transposed_conv_class,
 )
@@ -89,14 +88,8 @@ class PlainConvUNet(nn.Module):
             # checkpoint loads either way and parameter counts match the published 31.21 M
             self.heads.append(conv_class(dims)(features[s - 1], num_classes, 1, bias=True))
 
-        # protocol members: outputs highest resolution first, decoder stages 0 .. n-2 at 1/cumprod(strides);
-        # without deep supervision the one full-resolution output
-        self.ds_scales: list[tuple[float, ...]] = [(1.0,) * dims]
-        self.ds_weights: list[float] = [1.0]
-        if deep_supervision:
-            scales = cumulative_strides(strides)[: n_stages - 1]
-            self.ds_scales = [tuple(1.0 / f for f in factor) for factor in scales]
-            self.ds_weights = nnunet_deep_supervision_weights(n_stages - 1)
+        # protocol members (blocks.nnunet_deep_supervision)
+        self.ds_scales, self.ds_weights = nnunet_deep_supervision(strides, deep_supervision)
 
         self.apply(init_kaiming)
 
